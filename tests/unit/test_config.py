@@ -1,0 +1,86 @@
+"""Config loading: strict keys and types, overrides, every shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import DataConfig, ModelConfig, TrainConfig, field_docs, load_config
+from tunelab.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert configs, "configs/ holds no YAML"
+    for path in configs:
+        config = load_config(path)
+        assert config.model.name_or_path
+
+
+def test_overrides_set_nested_keys_with_types(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: m}\ntrain: {lr: 0.001}\n")
+    config = load_config(path, ["train.lr=1e-4", "train.max_steps=7", "data.packing=true", "output_dir=x"])
+    assert config.train.lr == pytest.approx(1e-4)
+    assert config.train.max_steps == 7
+    assert config.data.packing is True
+    assert config.output_dir == "x"
+
+
+def test_method_options_are_parsed_by_the_method(tmp_path):
+    path = write(
+        tmp_path, "model: {name_or_path: m}\nmethod: {name: partial, last_layers: 2, modules: [lm_head]}\n"
+    )
+    config = load_config(path)
+    assert config.method.name == "partial"
+    assert config.method.options.last_layers == 2
+    assert config.method.options.modules == ["lm_head"]
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("model: {name_or_path: m}\ntrain: {lrr: 1}\n", [], "unknown key 'train.lrr'"),
+        ("model: {name_or_path: m}\ntrain: {batch_size: two}\n", [], "train.batch_size: expected an integer"),
+        ("model: {name_or_path: m}\ntrain: {batch_size: 0}\n", [], "train.batch_size: must be at least 1"),
+        ("model: {name_or_path: m}\ntrain: {schedule: wavy}\n", [], "train.schedule: must be one of"),
+        (
+            "model: {name_or_path: m}\nmethod: {name: partial, last_layer: 2}\n",
+            [],
+            "unknown key 'method.last_layer'",
+        ),
+        ("model: {name_or_path: m}\nmethod: {name: magic}\n", [], "method.name: must be one of"),
+        ("model: {name_or_path: m}\n", ["train.nope=3"], "unknown key 'train.nope'"),
+        ("model: {name_or_path: m}\nbogus: 1\n", [], "unknown key 'bogus'"),
+        ("model: {name_or_path: m}\ntrain: {resume: 3}\n", [], "expected true or false"),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_file(tmp_path, text, overrides, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert expected in str(err.value)
+    if not overrides:
+        assert str(path) in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_every_field_has_a_docstring():
+    for cls in (TrainConfig, DataConfig, ModelConfig):
+        docs = field_docs(cls)
+        missing = [f for f in cls.__dataclass_fields__ if f not in docs]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"

@@ -1,0 +1,183 @@
+"""Data: formats, templates, loss masks, truncation, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab.config import DataConfig
+from tunelab.data.collate import batch_stream, count_targets, epoch_batches, pad_batch
+from tunelab.data.dataset import prepare_data, prompt_and_reference
+from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.errors import DataError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def prepare(tokenizer, path, **kwargs):
+    return prepare_data(DataConfig(train=str(path), **kwargs), tokenizer)
+
+
+def test_instruction_loss_only_on_response_plus_eos(tiny_tokenizer, tmp_path):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "say hello", "input": "", "output": "hello world"}]
+    )
+    data = prepare(tiny_tokenizer, path, template="alpaca")
+    example = data.train.examples[0]
+    targets = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(targets) == "hello world" + tiny_tokenizer.eos_token
+    prompt = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE_INDEX]
+    assert tiny_tokenizer.decode(prompt) == "### Instruction:\nsay hello\n\n### Response:\n"
+
+
+def test_dolly_fields_and_input_section(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "add", "context": "1 2", "response": "3"}])
+    data = prepare(tiny_tokenizer, path, template="alpaca")
+    text = tiny_tokenizer.decode(data.train.examples[0].input_ids)
+    assert "### Input:\n1 2" in text and text.endswith("3" + tiny_tokenizer.eos_token)
+
+
+def test_train_on_prompt_puts_loss_everywhere(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a b", "output": "c"}])
+    data = prepare(tiny_tokenizer, path, template="alpaca", train_on_prompt=True)
+    assert IGNORE_INDEX not in data.train.examples[0].labels
+
+
+def test_chat_template_masks_user_turns(tiny_tokenizer, tmp_path):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "good bye"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    data = prepare(tiny_tokenizer, path)
+    assert data.format == "chat" and data.template == "chat"
+    example = data.train.examples[0]
+    target_text = tiny_tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE_INDEX]
+    )
+    assert target_text == "hello<|eos|>\ngood bye<|eos|>\n"
+    ids, reference = prompt_and_reference(data.train.conversations[0], tiny_tokenizer, "chat")
+    assert reference == "good bye"
+    assert tiny_tokenizer.decode(ids).endswith("<|user|>\nbye<|eos|>\n<|assistant|>\n")
+
+
+def test_prompt_completion_and_text(tiny_tokenizer, tmp_path):
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 2 =", "completion": " 4"}])
+    assert prepare(tiny_tokenizer, pc).format == "prompt_completion"
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox"}])
+    data = prepare(tiny_tokenizer, text)
+    assert data.format == "text"
+    assert all(label != IGNORE_INDEX for label in data.train.examples[0].labels)
+
+
+def test_truncation_is_counted(tiny_tokenizer, tmp_path):
+    rows = [{"instruction": "x", "output": "the quick brown fox " * 30}, {"instruction": "y", "output": "no"}]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), template="alpaca", max_length=16)
+    assert data.train.truncated == 1
+    assert all(len(e.input_ids) <= 16 for e in data.train.examples)
+    assert any("truncated 1" in note for note in data.notes)
+
+
+def test_csv_and_json_list_sources(tiny_tokenizer, tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("instruction,output\nsay yes,yes\nsay no,no\n")
+    assert len(prepare(tiny_tokenizer, csv_path).train.examples) == 2
+    json_path = tmp_path / "d.json"
+    json_path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    assert len(prepare(tiny_tokenizer, json_path).train.examples) == 1
+
+
+def test_eval_fraction_holds_out_records(tiny_tokenizer, tmp_path):
+    rows = [{"instruction": f"say {i}", "output": str(i)} for i in range(20)]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.25)
+    assert len(data.train.examples) == 15 and len(data.eval.examples) == 5
+
+
+@pytest.mark.parametrize(
+    ("rows", "fmt", "expected"),
+    [
+        (
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '],
+            "auto",
+            "record 2: not valid JSON",
+        ),
+        (
+            [{"instruction": "a", "output": "b"}, {"instruction": "a"}],
+            "auto",
+            "record 2, field 'output': missing field",
+        ),
+        (
+            [{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}],
+            "auto",
+            "record 2, field 'instruction': expected a string",
+        ),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], "chat", "field 'messages[0].role'"),
+        ([{"foo": "bar"}], "auto", "cannot tell the data format"),
+    ],
+)
+def test_bad_records_name_file_record_and_field(tiny_tokenizer, tmp_path, rows, fmt, expected):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        prepare(tiny_tokenizer, path, format=fmt)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_skip_bad_records_counts_them(tiny_tokenizer, tmp_path):
+    rows = [
+        '{"instruction": "a", "output": "b"}',
+        "{broken",
+        '{"instruction": "c"}',
+        '{"instruction": "d", "output": "e"}',
+    ]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), skip_bad_records=True)
+    assert len(data.train.examples) == 2 and data.train.skipped == 2
+    rows = [
+        '{"instruction": "a", "output": "b"}',
+        '{"instruction": "c"}',
+        '{"instruction": "d", "output": "e"}',
+    ]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "e.jsonl", rows), skip_bad_records=True)
+    assert len(data.train.examples) == 2 and data.train.skipped == 1
+    assert "skipped 1 bad records" in data.notes
+
+
+def test_empty_file_and_unknown_type(tiny_tokenizer, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        prepare(tiny_tokenizer, empty)
+    weird = tmp_path / "data.txt"
+    weird.write_text("hello")
+    with pytest.raises(DataError, match="unknown data file type"):
+        prepare(tiny_tokenizer, weird)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tiny_tokenizer, tmp_path / "missing.jsonl")
+
+
+def test_batches_are_seeded_and_resumable():
+    lengths = list(range(1, 24))
+    stream = batch_stream(lengths, 4, seed=3)
+    first = [next(stream) for _ in range(15)]
+    resumed = batch_stream(lengths, 4, seed=3, start=9)
+    assert [next(resumed) for _ in range(6)] == first[9:]
+    assert epoch_batches(lengths, 4, 3, 0) != epoch_batches(lengths, 4, 3, 1)
+    grouped = epoch_batches(lengths, 4, 3, 0, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(23))
+
+
+def test_pad_batch_masks_padding(tiny_tokenizer, tmp_path):
+    rows = [
+        {"instruction": "a", "output": "b"},
+        {"instruction": "the quick brown fox", "output": "jumps over"},
+    ]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "d.jsonl", rows), template="alpaca")
+    batch = pad_batch(data.train.examples, tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert count_targets(batch["labels"]) == sum(e.num_targets for e in data.train.examples)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()

@@ -1,0 +1,51 @@
+"""The `tunelab` command line: `tunelab COMMAND ...` (also `python -m tunelab COMMAND ...`).
+
+Each command lives in `tunelab/commands/<name>.py` with `register(subparsers)` and `run(args)`.
+A `TunelabError` (bad config, bad data, missing model) is printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tunelab import __version__
+from tunelab.errors import TunelabError
+
+COMMANDS = ["train", "eval", "generate", "demo", "merge", "inspect", "score"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune pre-trained language models: full, partial, LoRA, adapters, prefix tuning; "
+        "objectives sft, reward, dpo, ppo, grpo.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"tunelab.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TunelabError as err:
+        print(f"tunelab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tunelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

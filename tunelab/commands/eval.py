@@ -1,0 +1,69 @@
+"""`tunelab eval RUN_OR_MODEL [--data FILE]`: eval loss, perplexity and exact match."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a run, model folder or adapter: loss, perplexity, exact match",
+        description="Evaluate on held-out data: per-token loss, perplexity and, for instruction/chat data, "
+        "the exact-match accuracy of greedy generations against the reference responses. With a run "
+        "folder and no --data, the run's own eval data is used.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("path", help="run folder, model folder, adapter folder or hub id")
+    parser.add_argument("--data", help="eval data file or hub data set (default: the run's eval data)")
+    parser.add_argument("--split", default="train", help="split of a hub data set")
+    parser.add_argument("--format", default=None, help="record format (default: the run's, else auto)")
+    parser.add_argument(
+        "--template", default=None, help="auto, alpaca or chat (default: the run's, else auto)"
+    )
+    parser.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-generate", action="store_true", help="skip the exact-match generation")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--show", type=int, default=0, help="print this many generations")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from tunelab.config import DataConfig
+    from tunelab.data.dataset import prepare_data
+    from tunelab.errors import TunelabError
+    from tunelab.evaluate import evaluate_loss, exact_match
+    from tunelab.methods import load_trained
+    from tunelab.runinfo import run_data_config
+
+    saved = run_data_config(Path(args.path))
+    data_source = args.data or (saved.eval if saved else None)
+    if not data_source:
+        raise TunelabError("no eval data: pass --data FILE (the path is not a run with eval data)")
+    cfg = DataConfig(
+        train=data_source,
+        split=args.split,
+        format=args.format or (saved.format if saved else "auto"),
+        template=args.template or (saved.template if saved else "auto"),
+        max_length=args.max_length or (saved.max_length if saved else 2048),
+        max_records=args.limit,
+    )
+    model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
+    data = prepare_data(cfg, tokenizer)
+    result = {"path": args.path, "method": method, "records": len(data.train.examples)}
+    result.update(evaluate_loss(model, data.train.examples, tokenizer.pad_token_id, args.batch_size))
+    if not args.no_generate and data.format in ("instruction", "chat", "prompt_completion"):
+        accuracy, generations = exact_match(
+            model, tokenizer, data.train.conversations, data.template, args.max_new_tokens, args.batch_size
+        )
+        result["exact_match"] = accuracy
+        for g in generations[: args.show]:
+            print(f"--- reference: {g.reference!r}\n    generated: {g.output!r}")
+    print(json.dumps(result, indent=2))
+    return 0

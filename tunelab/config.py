@@ -1,0 +1,403 @@
+"""Typed run configuration: YAML -> dataclasses, with strict checks and dotted overrides.
+
+    tunelab train run.yaml train.lr=1e-4 method.r=16
+
+Every field has a type and an attribute docstring (the text under it). Loading checks every key:
+an unknown key, a value of the wrong type or a bad value is a `ConfigError` that names the key and
+the file. The `method:` and `objective:` sections name a method/objective and carry that module's
+own `Options` fields, so each method keeps its options beside its code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tunelab.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face hub id (e.g. `Qwen/Qwen2.5-0.5B`) or local model folder."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in. Trainable parameters are kept in float32 when `train.precision`
+    is `bf16`/`fp16` autocast; see `train.precision`."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless you trust its author."""
+    attn_implementation: str | None = None
+    """Override the attention kernel (`eager`, `sdpa`, `flash_attention_2`); default: transformers' choice."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["full", "partial", "lora", "adapter", "prefix"] = "full"
+    """Fine-tuning method: which parameters train and how the model is transformed."""
+    options: Any = None
+    """The method's own options (the other keys of the `method:` section); see tunelab/methods/<name>.py."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["sft", "reward", "dpo", "ppo", "grpo"] = "sft"
+    """Training objective (the training loop): supervised fine-tuning, reward model, DPO, PPO, GRPO."""
+    options: Any = None
+    """The objective's own options (the other keys of the `objective:` section)."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a local .jsonl/.json/.csv/.parquet file, or a hub data set id (`tatsu-lab/alpaca`)."""
+    eval: str | None = None
+    """Held-out data (same forms as `train`). If unset, `eval_fraction` of the training records is held out."""
+    eval_fraction: float = 0.0
+    """Fraction of training records held out for evaluation when `eval` is unset (0 disables)."""
+    split: str = "train"
+    """Split to read from a hub data set."""
+    eval_split: str | None = None
+    """Split of a hub data set used for evaluation when `eval` names the same hub id."""
+    format: Literal["auto", "instruction", "chat", "prompt_completion", "text", "preference", "prompt"] = (
+        "auto"
+    )
+    """Record format. `auto` detects it from the first record's fields."""
+    template: Literal["auto", "alpaca", "chat"] = "auto"
+    """How prompts are rendered: `chat` uses the tokenizer's chat template, `alpaca` the plain
+    `### Instruction / ### Input / ### Response` template; `auto` = chat if the tokenizer has a template."""
+    max_length: int = 512
+    """Maximum tokens per example; longer ones are truncated (counted and reported)."""
+    train_on_prompt: bool = False
+    """Also put loss on prompt tokens (default: loss on the response only)."""
+    skip_bad_records: bool = False
+    """Skip malformed records (reporting how many) instead of stopping with an error."""
+    max_records: int | None = None
+    """Use at most this many training records (handy for smoke runs)."""
+    system_prompt: str | None = None
+    """A system message put before every chat/instruction prompt."""
+    packing: bool = False
+    """Pack several examples into each row (padding-free), with attention that cannot cross examples."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding); order stays seeded and resumable."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run. If unset, `epochs` decides."""
+    epochs: float = 1.0
+    """Passes over the training data when `max_steps` is unset."""
+    batch_size: int = 8
+    """Examples per micro-batch (per device)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. The loss is normalised by the target tokens of all of them,
+    so `batch_size=8, grad_accum=1` gives the same step as `batch_size=1, grad_accum=8`."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup (cosine and linear decay to `min_lr_ratio * lr`)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to `lr`."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of `lr` for cosine/linear schedules."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (never applied to biases, norms or other 1-D parameters)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (unset: no clipping)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: `bf16`/`fp16` run the forward under autocast with float32 master weights."""
+    seed: int = 42
+    """Seed for initialisation, data order, dropout and sampling."""
+    log_every: int = 1
+    """Write a metrics row (and update the progress bar) every N steps."""
+    eval_every: int | None = None
+    """Evaluate every N steps (and at the end) when eval data exists."""
+    save_every: int | None = None
+    """Write a checkpoint every N steps."""
+    keep_last: int = 2
+    """Keep the last K checkpoints."""
+    resume: bool = False
+    """Continue from the latest checkpoint in `output_dir/checkpoints/` at the exact next batch."""
+    eval_batches: int | None = None
+    """Evaluate on at most this many eval batches (unset: all)."""
+    progress: bool = True
+    """Show a progress bar."""
+    chunked_loss: bool = True
+    """Compute the LM head and cross-entropy only on target positions and in chunks (no full logits)."""
+    loss_chunk_size: int = 1024
+    """Target positions per chunk of the chunked loss."""
+    compile: bool = False
+    """Run the model through `torch.compile`."""
+
+
+@dataclass
+class EvalConfig:
+    generate: bool = True
+    """For instruction/chat data, greedily generate responses and report exact-match accuracy."""
+    max_new_tokens: int = 64
+    """Maximum tokens generated per response."""
+    num_examples: int | None = 200
+    """Generate for at most this many eval records (unset: all)."""
+    batch_size: int = 32
+    """Prompts generated together."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """Fine-tuning method and its options."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Training objective and its options."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, logging and checkpointing."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation by generation."""
+    output_dir: str = "runs/default"
+    """Folder of the run: metrics.jsonl, checkpoints/step-N/, final/, loss.png."""
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (what `config.yaml` in the run folder holds)."""
+        return to_plain(self)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against type `tp`; return it (ints widen to float). Raise ValueError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return {_convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        raise AssertionError("nested dataclasses are handled by _build")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    raise ValueError(f"unsupported config type {tp!r}")
+
+
+def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
+    """Build dataclass `cls` from mapping `data`, strictly. `key` is the dotted path for messages."""
+    where = f"in {source}" if source else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {data!r} {where}".strip())
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        full = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ConfigError(f"unknown key {full!r} {where}; valid keys here: {', '.join(names)}".strip())
+    kwargs = {}
+    for name, value in data.items():
+        full = f"{key}.{name}" if key else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_dataclass(tp, value, full, source)
+            continue
+        try:
+            kwargs[name] = _convert(value, tp, full)
+        except ValueError as err:
+            raise ConfigError(f"{full}: {err} {where}".strip()) from None
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key or 'config'}: {err} {where}".strip()) from None
+
+
+def _build_named_section(section: dict, key: str, source: str, modules: dict, default: str):
+    """`method:` / `objective:`: a `name` plus that module's `Options` fields."""
+    import importlib
+
+    where = f"in {source}" if source else ""
+    section = dict(section or {})
+    name = section.pop("name", default)
+    if name not in modules:
+        raise ConfigError(f"{key}.name: must be one of {sorted(modules)}, got {name!r} {where}".strip())
+    options_cls = importlib.import_module(modules[name]).Options
+    return name, build_dataclass(options_cls, section, key, source)
+
+
+def build_config(data: dict, source: str = "") -> RunConfig:
+    """A `RunConfig` from a nested dict (as read from YAML)."""
+    from tunelab.methods import METHOD_MODULES
+    from tunelab.objectives import OBJECTIVE_MODULES
+
+    where = f"in {source}" if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections {where}".strip())
+    data = dict(data)
+    method = data.pop("method", None) or {}
+    objective = data.pop("objective", None) or {}
+    if not isinstance(method, dict) or not isinstance(objective, dict):
+        raise ConfigError(f"'method' and 'objective' must be mappings {where}".strip())
+    config = build_dataclass(RunConfig, data, "", source)
+    config.method = MethodConfig(*_build_named_section(method, "method", source, METHOD_MODULES, "full"))
+    config.objective = ObjectiveConfig(
+        *_build_named_section(objective, "objective", source, OBJECTIVE_MODULES, "sft")
+    )
+    _check_run(config, source)
+    return config
+
+
+def _check_run(config: RunConfig, source: str) -> None:
+    where = f"in {source}" if source else ""
+    checks = [
+        (config.model.name_or_path != "", "model.name_or_path", "must name a hub id or a local folder"),
+        (config.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (config.train.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
+        (config.train.lr > 0, "train.lr", "must be positive"),
+        (config.train.max_steps is None or config.train.max_steps >= 1, "train.max_steps", "must be >= 1"),
+        (config.train.epochs > 0, "train.epochs", "must be positive"),
+        (config.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)"),
+        (config.data.max_length >= 8, "data.max_length", "must be at least 8"),
+        (config.train.keep_last >= 1, "train.keep_last", "must be at least 1"),
+        (len(config.train.betas) == 2, "train.betas", "must hold two numbers"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {problem} {where}".strip())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4). The value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and _looks_like_number(value):
+        value = float(value)
+    return key.strip().split("."), value
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `key.sub=value` in the nested dict `data` (sections are created as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, with a clear error for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return data or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **sections) -> RunConfig:
+    """Load a YAML config, apply `key.sub=value` overrides, and check everything.
+
+    With no path, `sections` give the nested dict directly (handy from Python:
+    `load_config(model={"name_or_path": ...}, data={...})`).
+    """
+    data = read_yaml(path) if path is not None else {}
+    data.update(sections)
+    data = apply_overrides(data, list(overrides or []))
+    source = str(path) if path is not None else ("command-line overrides" if overrides else "")
+    return build_config(data, source)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, recursively; method/objective sections flattened back to `name` + options."""
+    if isinstance(obj, (MethodConfig, ObjectiveConfig)):
+        return {"name": obj.name, **to_plain(obj.options)}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the attribute docstring written under it (read from the source)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs

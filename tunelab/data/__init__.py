@@ -1,0 +1,1 @@
+"""Data: reading, checking, rendering, tokenising and batching training records."""

@@ -1,0 +1,22 @@
+"""Errors a user can act on. The CLI prints them as one clear message, without a traceback."""
+
+
+class TunelabError(Exception):
+    """A problem with the user's input (config, data, model path), explained in the message."""
+
+
+class ConfigError(TunelabError):
+    """A bad config: unknown key, wrong type or bad value. The message names the key and the file."""
+
+
+class DataError(TunelabError):
+    """A bad data record. The message names the file, the record (line) number and the field."""
+
+    def __init__(self, source: str, record: int | None, field: str | None, problem: str):
+        self.source, self.record, self.field, self.problem = source, record, field, problem
+        where = source
+        if record is not None:
+            where += f", record {record}"
+        if field is not None:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {problem}")

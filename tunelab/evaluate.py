@@ -1,0 +1,135 @@
+"""Evaluation: loss and perplexity on held-out examples, and exact-match accuracy of greedy
+generations against reference responses.
+
+    eval_loss  = sum of token losses / number of target tokens       (per-token cross-entropy)
+    perplexity = exp(eval_loss)
+    exact match = mean over records of [strip(generated) == strip(reference)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.collate import count_targets, left_pad, pad_batch
+from tunelab.data.dataset import prompt_and_reference
+from tunelab.data.formats import Conversation
+from tunelab.data.tokenize import TokenizedExample
+from tunelab.losses.causal_lm import chunked_lm_loss_sum
+
+
+def model_lm_loss_sum(model: PreTrainedModel, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed next-token loss of a padded batch, computing logits only at target positions."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return chunked_lm_loss_sum(hidden, model.get_output_embeddings(), batch["labels"], chunk_size, softcap)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: PreTrainedModel,
+    examples: list[TokenizedExample],
+    pad_id: int,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    autocast=None,
+) -> dict:
+    """Per-token eval loss and perplexity over `examples` (optionally the first `max_batches`)."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    starts = range(0, len(examples), batch_size)
+    for index, start in enumerate(starts):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
+        with autocast or contextlib.nullcontext():
+            total += float(model_lm_loss_sum(model, batch))
+        count += count_targets(batch["labels"])
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class Generation:
+    prompt: str
+    reference: str
+    output: str
+
+    @property
+    def correct(self) -> bool:
+        return self.output.strip() == self.reference.strip()
+
+
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[str]:
+    """Generate a response for each tokenised prompt (greedy unless `do_sample`); stops at EOS."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            if do_sample
+            else {"do_sample": False}
+        )
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]  # (B, new)
+        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    model.train(was_training)
+    return outputs
+
+
+def exact_match(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    template: str,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    limit: int | None = None,
+) -> tuple[float, list[Generation]]:
+    """Exact-match accuracy of greedy generations against each conversation's last assistant turn."""
+    chosen = conversations[:limit] if limit is not None else conversations
+    pairs = [prompt_and_reference(conv, tokenizer, template) for conv in chosen]
+    outputs = generate_responses(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
+    results = [
+        Generation(tokenizer.decode(p, skip_special_tokens=False), ref, out)
+        for (p, ref), out in zip(pairs, outputs, strict=True)
+    ]
+    accuracy = sum(r.correct for r in results) / max(len(results), 1)
+    return accuracy, results

@@ -1,0 +1,1 @@
+"""Losses as small pure tensor functions, with shapes in comments."""

@@ -1,0 +1,67 @@
+"""Load a Hugging Face causal LM and its tokenizer, by hub id or local folder.
+
+The same `from_pretrained` path serves a hub id and a local folder (tests and the demo use local
+folders built by `tunelab.tiny`). `trust_remote_code` stays off unless the config asks for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.errors import TunelabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else is passed to `torch.device`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail early, with a clear message, for a local path that does not exist."""
+    if _looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise TunelabError(f"model path {name_or_path!r} does not exist")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; give it a pad token (its EOS) when it has none."""
+    check_model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str | torch.device = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM in `dtype` onto `device` (see `resolve_device`)."""
+    check_model_source(name_or_path)
+    if dtype not in DTYPES:
+        raise TunelabError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise TunelabError(f"cannot load a model from {name_or_path!r}: {err}") from None
+    device = resolve_device(device) if isinstance(device, str) else device
+    return model.to(device)

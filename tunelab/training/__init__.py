@@ -1,0 +1,1 @@
+"""Training machinery shared by every objective: setup, optimizer, loop, checkpoints, metrics."""

@@ -1,0 +1,145 @@
+"""The optimisation loop shared by the supervised objectives (sft, reward, dpo).
+
+One optimizer step takes `grad_accum` micro-batches. Each micro-batch's loss function returns a
+*sum* over its units (target tokens for sft, pairs for reward/dpo), and the step divides by the
+units of all its micro-batches together:
+
+    g = grad( sum_k L_sum(batch_k) / sum_k n_units(batch_k) )
+
+so the step is the same whatever the split into micro-batches. Then: clip, AdamW, next lr.
+Metrics are logged, evaluation and checkpoints happen on their intervals, and the data position
+(micro-batches consumed) is saved so that a resumed run continues at the exact next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from tunelab.methods import trainable_parameters
+from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.training.metrics import MetricsLog, plot_loss
+from tunelab.training.optim import build_optimizer, lr_at, set_lr
+from tunelab.training.setup import Run
+
+LossFn = Callable[[dict], tuple[torch.Tensor, dict]]
+"""batch -> (loss summed over the batch's units, extra metrics summed over units)"""
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    final_loss: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+def total_steps(run: Run, micro_batches_per_epoch: int) -> int:
+    """`train.max_steps`, or enough steps for `train.epochs` passes over the data."""
+    cfg = run.config.train
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum))
+
+
+def optimize(
+    run: Run,
+    make_batches: Callable[[int], Iterator[dict]],
+    loss_fn: LossFn,
+    units_fn: Callable[[dict], int],
+    steps: int,
+    evaluate: Callable[[], dict] | None = None,
+    token_count_fn: Callable[[dict], int] | None = None,
+) -> LoopResult:
+    """Run `steps` optimizer steps. `make_batches(position)` yields micro-batches from that position."""
+    cfg = run.config.train
+    model = run.model
+    optimizer = build_optimizer(model, cfg)
+    params = list(trainable_parameters(model).values())
+    start_step = 0
+    if cfg.resume:
+        checkpoint = latest_checkpoint(run.output_dir)
+        if checkpoint is None:
+            run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
+        else:
+            start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
+            run.print(f"[tunelab] resumed from {checkpoint} (step {start_step})")
+    metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)
+    position = start_step * cfg.grad_accum
+    batches = make_batches(position)
+    model.train()
+    history: list[dict] = []
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        disable=not (cfg.progress and run.is_main),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    tokens_seen, started = 0, time.perf_counter()
+    last_loss = None
+    try:
+        for step in range(start_step + 1, steps + 1):
+            lr = lr_at(step, steps, cfg)
+            set_lr(optimizer, lr)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            position += cfg.grad_accum
+            units = sum(units_fn(b) for b in micro)
+            loss_total, extras = 0.0, {}
+            for batch in micro:
+                with run.autocast():
+                    loss_sum, extra = loss_fn(batch)
+                (loss_sum / max(units, 1)).backward()
+                loss_total += float(loss_sum.detach())
+                for key, value in extra.items():
+                    extras[key] = extras.get(key, 0.0) + float(value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss = loss_total / max(units, 1)
+            step_tokens = sum((token_count_fn or units_fn)(b) for b in micro)
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - started
+            row = {
+                "step": step,
+                "loss": last_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": step_tokens,
+                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                **{k: v / max(units, 1) for k, v in extras.items()},
+            }
+            do_eval = (
+                evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps)
+            )
+            if do_eval:
+                model.eval()
+                row.update(evaluate())
+                model.train()
+            if step % cfg.log_every == 0 or do_eval or step == steps:
+                metrics.log(row)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            history.append(row)
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step != steps and run.is_main:
+                save_checkpoint(
+                    run.output_dir, step, model, optimizer, position, run.config_yaml, cfg.keep_last
+                )
+    except KeyboardInterrupt:
+        bar.close()
+        last = latest_checkpoint(run.output_dir)
+        run.print(
+            f"\n[tunelab] interrupted; the last checkpoint is {last or 'none'}. "
+            "Continue with `train.resume=true`."
+        )
+        metrics.close()
+        raise
+    bar.close()
+    metrics.close()
+    if run.is_main and history:
+        plot_loss(run.output_dir)
+    return LoopResult(steps, last_loss, history)

@@ -1,0 +1,54 @@
+"""AdamW with decoupled weight decay on matrices only, and warmup + cosine/linear/constant schedules.
+
+Schedule, for step s (1-based) of S, warmup W, peak lr, floor m = min_lr_ratio:
+
+    lr(s) = lr * s / W                                   for s <= W
+    lr(s) = lr * (m + (1 - m) * f(p)),  p = (s - W) / max(1, S - W)
+        f(p) = 1                         constant
+        f(p) = 1 - p                     linear
+        f(p) = (1 + cos(pi * p)) / 2     cosine
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tunelab.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the method left no trainable parameter")
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (1-based); see the module docstring."""
+    if cfg.warmup_steps > 0 and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = {
+        "constant": 1.0,
+        "linear": 1.0 - progress,
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+    }[cfg.schedule]
+    floor = cfg.min_lr_ratio if cfg.schedule != "constant" else 1.0
+    return cfg.lr * (floor + (1.0 - floor) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

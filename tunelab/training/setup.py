@@ -1,0 +1,121 @@
+"""Setting up a run: seeds, output folder, model + tokenizer, the method, precision.
+
+Every objective starts with `setup_run(config)`; what it returns is everything a loop needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.config import RunConfig
+from tunelab.errors import TunelabError
+from tunelab.methods import get_method, parameter_report, trainable_parameters
+from tunelab.models import load_model, load_tokenizer, resolve_device
+
+
+@dataclass
+class Run:
+    """A set-up run: what every training loop needs."""
+
+    config: RunConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    method: ModuleType
+    device: torch.device
+    output_dir: Path
+    config_yaml: str
+    is_main: bool = True
+    """Only the main process prints, logs and writes files (distributed runs)."""
+
+    def autocast(self):
+        """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32)."""
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def print(self, *args) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch (CPU and CUDA)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_model(config: RunConfig, device: torch.device | None = None):
+    """Load model + tokenizer and apply the method: (model, tokenizer, method module)."""
+    device = device or resolve_device(config.model.device)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    model = load_model(
+        config.model.name_or_path,
+        dtype=config.model.dtype,
+        device=device,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+    )
+    method = get_method(config.method.name)
+    method.apply(model, config.method.options)
+    if config.train.precision != "fp32":
+        # Master weights: trainable parameters in float32, the frozen base stays in model.dtype.
+        for p in trainable_parameters(model).values():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if not trainable_parameters(model):
+        raise TunelabError(f"method {config.method.name!r} left no trainable parameter")
+    return model, tokenizer, method
+
+
+def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | None = None) -> Run:
+    """Seed, create the output folder, load and transform the model."""
+    seed_everything(config.train.seed)
+    output_dir = Path(config.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if is_main:
+        (output_dir / "config.yaml").write_text(config_yaml)
+    model, tokenizer, method = prepare_model(config, device)
+    run = Run(
+        config, model, tokenizer, method, next(model.parameters()).device, output_dir, config_yaml, is_main
+    )
+    run.print(f"[tunelab] model {config.model.name_or_path} ({type(model).__name__}) on {run.device}")
+    run.print(f"[tunelab] method {config.method.name}: {parameter_report(model)}")
+    return run
+
+
+def save_final(run: Run) -> Path:
+    """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer."""
+    final = run.output_dir / "final"
+    if not run.is_main:
+        return final
+    tmp = run.output_dir / "final.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    run.method.save(run.model, run.config.method.options, tmp, run.config.model.name_or_path)
+    run.tokenizer.save_pretrained(tmp)
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
