@@ -11,7 +11,7 @@ from tunelab.tiny import ARCHITECTURES, build_tiny_model_dir, build_tokenizer, d
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription overhead
 
 
 @pytest.fixture(scope="session")

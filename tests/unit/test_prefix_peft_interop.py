@@ -1,0 +1,121 @@
+"""Prefix tuning against PEFT 0.21.2: our saved prefix loads into PEFT and PEFT's into tunelab,
+giving the same logits. PEFT's forward counts real tokens from m (the cached prefix length), as we
+do, so plain calls (no position ids) agree. PEFT works on all six tiny architectures with
+transformers 5.23, so every one is checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.methods import adapter_method_of, prefix
+from tunelab.models import load_model
+from tunelab.tiny import ARCHITECTURES
+
+peft = pytest.importorskip("peft")
+
+M = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster than a thread pool waiting on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences, the second right-padded by 2 (PEFT numbers positions 0.. regardless of padding,
+    which agrees with ours for right padding)."""
+    ids = torch.randint(6, 400, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_peft_loads_our_prefix(arch, tiny_model_dirs, tmp_path):
+    model_dir = str(tiny_model_dirs[arch])
+    ids, mask = _batch()
+    ours = load_model(model_dir, device="cpu").eval()
+    torch.manual_seed(0)
+    prefix.apply(ours, prefix.Options(num_virtual_tokens=M))
+    prefix.save(ours, prefix.Options(num_virtual_tokens=M), tmp_path, model_dir)
+    assert adapter_method_of(tmp_path) == "prefix"
+
+    theirs = peft.PeftModel.from_pretrained(load_model(model_dir, device="cpu"), str(tmp_path)).eval()
+    with torch.no_grad():
+        expected = ours(input_ids=ids, attention_mask=mask).logits
+        got = theirs(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_we_load_pefts_prefix(arch, tiny_model_dirs, tmp_path):
+    model_dir = str(tiny_model_dirs[arch])
+    ids, mask = _batch()
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=M)
+    theirs = peft.get_peft_model(load_model(model_dir, device="cpu"), config).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_()
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = load_model(model_dir, device="cpu").eval()
+    prefix.load(ours, tmp_path)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_we_load_pefts_reparameterised_prefix(llama_dir, tmp_path):
+    """PEFT saves a `prefix_projection` prefix folded through its MLP; it loads as plain vectors."""
+    ids, mask = _batch()
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=M, prefix_projection=True, encoder_hidden_size=24
+    )
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(load_model(str(llama_dir), device="cpu"), config).eval()
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = load_model(str(llama_dir), device="cpu").eval()
+    prefix.load(ours, tmp_path)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_matches_peft(arch, tiny_model_dirs, tmp_path):
+    """Greedy decoding of left-padded prompts: PEFT offsets generate's position ids by m as we do,
+    so both produce the same tokens and step logits."""
+    model_dir = str(tiny_model_dirs[arch])
+    ours = load_model(model_dir, device="cpu").eval()
+    torch.manual_seed(3)
+    prefix.apply(ours, prefix.Options(num_virtual_tokens=M))
+    prefix.save(ours, prefix.Options(num_virtual_tokens=M), tmp_path, model_dir)
+    theirs = peft.PeftModel.from_pretrained(load_model(model_dir, device="cpu"), str(tmp_path)).eval()
+
+    prompts = torch.randint(6, 400, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    prompts[0, :2], mask[0, :2] = 0, 0
+    settings = dict(
+        input_ids=prompts,
+        attention_mask=mask,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    with torch.no_grad():
+        expected, got = theirs.generate(**settings), ours.generate(**settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step_got, step_expected in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(step_got, step_expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,142 @@
+"""The LoRA layer: a frozen linear map plus a trainable low-rank update.
+
+Paper: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+For a frozen weight W (out, in) the wrapped layer computes
+
+    y = W x + b + s * B A dropout(x),      A: (r, in), B: (out, r),  r << min(in, out)
+
+with scale s = alpha / r, or s = alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732),
+which keeps the update's magnitude stable as r grows. Only A and B train: r * (in + out)
+parameters instead of in * out.
+
+Initialisation as in the paper and its reference code (microsoft/LoRA `loralib`): A is
+Kaiming-uniform with a = sqrt(5) (PyTorch's default for `nn.Linear`), or Gaussian N(0, 1/r) with
+`init: gaussian`; B = 0. So B A = 0 and a freshly wrapped model computes the base model exactly.
+
+Merging folds the update into the weight, W <- W + s B A, so inference costs nothing extra;
+unmerging subtracts it again (exact up to floating-point rounding).
+
+GPT-2's `transformers.pytorch_utils.Conv1D` stores its weight transposed, (in, out), and computes
+y = x W + b. A and B keep the same shapes as for `nn.Linear` (so files match PEFT's, which marks such
+models `fan_in_fan_out: true`); only the merged delta is transposed: W <- W + s (B A)^T.
+
+Where we depart from the paper: the paper adapts only W_q and W_v and has no dropout on the
+LoRA path; dropout on the input of A follows PEFT and the paper's released code. When the base
+weights are float16/bfloat16, A and B are kept in float32 (as PEFT does by default): the input is
+cast to float32 for the low-rank path and the update is cast back to the base's dtype.
+
+`SavedModule` serves `modules_to_save`: a module trained in full (e.g. `lm_head`, a reward head).
+It keeps the original frozen and trains a copy, so that disabling the method gives the base model
+back, as PEFT's `ModulesToSaveWrapper` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` or `Conv1D` (kept as `base_layer`) plus the update s * B A."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_LAYERS):
+            raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape  # Conv1D: (in, out)
+        else:
+            self.out_features, self.in_features = weight.shape  # Linear: (out, in)
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Half-precision bases get float32 adapters (see the module docstring).
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        kwargs = dict(bias=False, device=weight.device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, r, **kwargs)  # weight (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, **kwargs)  # weight (out, r)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; choose 'kaiming' or 'gaussian'")
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+        self.enabled = True
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A in the base weight's layout and dtype: (out, in) for Linear, (in, out) for Conv1D."""
+        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+        if self.fan_in_fan_out:
+            delta = delta.T  # (in, out)
+        return delta.to(self.base_layer.weight.dtype)
+
+    def merge(self) -> None:
+        """W <- W + s B A. Does nothing when already merged."""
+        if not self.merged:
+            self.base_layer.weight.data += self.delta_weight()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s B A. Does nothing when not merged."""
+        if self.merged:
+            self.base_layer.weight.data -= self.delta_weight()
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        y = self.base_layer(x)  # (..., out)
+        if self.merged or not self.enabled:
+            return y
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        return f"{kind}({self.in_features} -> {self.out_features}), r={self.r}, scaling={self.scaling:g}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full (`modules_to_save`): a trainable copy beside the frozen original."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.trained_module = copy.deepcopy(module)
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+        for p in self.trained_module.parameters():
+            p.requires_grad_(True)
+        self.enabled = True
+
+    @property
+    def active(self) -> nn.Module:
+        """The module that computes the output now: the trained copy, or the original when disabled."""
+        return self.trained_module if self.enabled else self.original_module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The active module's weight (Hugging Face code reads `lm_head.weight`, `embed_tokens.weight`)."""
+        return self.active.weight
+
+    def forward(self, *args, **kwargs):
+        return self.active(*args, **kwargs)
