@@ -17,7 +17,7 @@ Two templates:
       ### Response:
       {response}<eos>
 
-Raw text (`text` turns) is a single target segment.
+Raw text (`text` turns) is a single target segment, EOS appended (documents end where they end).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _alpaca_user(content: str, extra: dict) -> str:
 def render_segments(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: str) -> list[Segment]:
     """The conversation as (text, is_target) segments under `template` (`chat` or `alpaca`)."""
     if conv.turns and conv.turns[0][0] == "text":
-        return [(conv.turns[0][1], True)]
+        return [(conv.turns[0][1] + (tokenizer.eos_token or ""), True)]
     if template == "alpaca":
         segments: list[Segment] = []
         for role, content in conv.turns:

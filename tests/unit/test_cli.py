@@ -1,0 +1,82 @@
+"""The command line: help for every command, one-line errors without tracebacks, eval/generate on a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tunelab
+from tests.helpers import sft_config
+from tunelab.cli import COMMANDS, main
+
+
+def run_cli(*args, stdin: str | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
+
+
+def test_python_m_tunelab_help_lists_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tunelab " + command in capsys.readouterr().out
+
+
+def test_bad_config_key_is_one_line_without_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: {name_or_path: x}\ntrain: {learning_rate: 1}\n")
+    result = run_cli("train", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unknown key 'train.learning_rate'" in result.stderr and str(config) in result.stderr
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, instruction_data):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tmp_path}/no-such-model}}\ndata: {{train: {instruction_data[0]}}}\n"
+    )
+    result = run_cli("train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_bad_data_record_is_a_clear_error(tmp_path, llama_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {llama_dir}}}\ndata: {{train: {data}}}\noutput_dir: {tmp_path}/out\n"
+    )
+    result = run_cli("train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{data}, record 2, field 'output': expected a string" in result.stderr
+
+
+def test_eval_and_generate_on_a_trained_run(tiny_model_dirs, instruction_data, tmp_path):
+    train_file, eval_file = instruction_data
+    run_dir = tmp_path / "run"
+    tunelab.train(
+        sft_config(tiny_model_dirs["llama"], train_file, run_dir, "train.max_steps=3", eval_file=eval_file)
+    )
+    result = run_cli("eval", str(run_dir), "--limit", "6", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout[result.stdout.index("{") :])
+    assert metrics["records"] == 6 and metrics["eval_loss"] > 0 and 0 <= metrics["exact_match"] <= 1
+    answer = run_cli("generate", str(run_dir), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4")
+    assert answer.returncode == 0, answer.stderr
+    chat = run_cli("generate", str(run_dir), "--max-new-tokens", "3", stdin="hello\nagain\n\n")
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.strip().splitlines()) >= 1
