@@ -119,6 +119,10 @@ class TrainConfig:
     """Clip the global gradient norm to this value (unset: no clipping)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Compute precision: `bf16`/`fp16` run the forward under autocast with float32 master weights."""
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Data parallelism when launched by `torchrun` with several processes (ignored otherwise):
+    `ddp` replicates the model, `fsdp` shards parameters, gradients and optimizer state (FSDP2);
+    `auto` is `ddp`. `batch_size` is per process: the global batch is batch_size x processes."""
     seed: int = 42
     """Seed for initialisation, data order, dropout and sampling."""
     log_every: int = 1

@@ -1,18 +1,27 @@
 """The offline demo: fine-tune a small model on the bundled instruction data and show it learned.
 
-The base model is built deterministically at first run and cached in `.cache/demo-model/`: a
-Llama-architecture model (hidden 128, 4 layers, about 1.2M parameters) with random weights and a
-byte-level BPE tokenizer trained on the demo data. Nothing is downloaded. The demo evaluates the
-base model (eval loss, exact-match accuracy of greedy answers on the held-out split), trains with
-the given config, evaluates again and prints a before/after table; the loss curve is in
-`OUTPUT_DIR/loss.png`.
+The base model is built deterministically at first run and cached in `.cache/demo-model/`:
+
+1. a Llama-architecture model (hidden 128, 4 layers, about 0.9M parameters) with random weights
+   and a byte-level BPE tokenizer trained on the demo data;
+2. "pre-trained" with tunelab itself (full fine-tuning, raw-text objective) on a corpus of plain
+   statements of the same six tasks in another wording (`reverse: red owl = owl red`), so that it
+   knows the words and the operations but not the instruction format.
+
+Instruction fine-tuning then teaches it to follow `### Instruction / ### Input / ### Response`
+prompts: the demo evaluates the base model (eval loss, exact-match accuracy of greedy answers on
+the held-out split), trains with the given config, evaluates again and prints a before/after table.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import shutil
 from pathlib import Path
 
+from tunelab.demo_data import TASKS, WORDS
 from tunelab.tiny import build_tiny_model_dir, build_tokenizer
 
 DEMO_DATA = Path("data/demo")
@@ -25,27 +34,76 @@ DEMO_SIZES = {
     "intermediate": 384,
     "max_positions": 256,
 }
+PRETRAIN_STEPS = 400
 
 
 def demo_corpus(data_dir: Path = DEMO_DATA) -> list[str]:
     """Every text field of the demo training records plus the prompt template's words."""
-    texts = [
-        "### Instruction:\n",
-        "### Input:\n",
-        "### Response:\n",
-        "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18",
-    ]
+    texts = ["### Instruction:\n", "### Input:\n", "### Response:\n", " ".join(str(i) for i in range(20))]
+    texts += [f"{name}: = plus" for name in TASKS]
     for line in (data_dir / "train.jsonl").read_text().splitlines():
         record = json.loads(line)
         texts += [record["instruction"], record["input"], record["output"]]
     return texts
 
 
-def ensure_demo_model(path: Path = DEMO_MODEL, data_dir: Path = DEMO_DATA) -> Path:
-    """Build (once) and return the demo base model folder."""
+def pretraining_texts(n: int, seed: int = 99) -> list[str]:
+    """Plain statements of the demo operations, worded unlike the instructions."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        name = rng.choice([*TASKS, "add"])
+        if name == "add":
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            texts.append(f"{a} plus {b} = {a + b}")
+            continue
+        words = rng.sample(WORDS, rng.randint(2, 3) if name == "repeat" else rng.randint(2, 5))
+        texts.append(f"{name}: {' '.join(words)} = {TASKS[name][1](words)}")
+    return texts
+
+
+def ensure_demo_model(
+    path: Path = DEMO_MODEL, data_dir: Path = DEMO_DATA, pretrain_steps: int = PRETRAIN_STEPS
+) -> Path:
+    """Build (once) and return the demo base model folder (see the module docstring)."""
+    path = Path(path)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
+    import tunelab
+
+    work = path.parent / f"{path.name}.build"
+    shutil.rmtree(work, ignore_errors=True)
     tokenizer = build_tokenizer(demo_corpus(data_dir), vocab_size=640)
     tokenizer.chat_template = None  # the demo uses the documented alpaca template
-    build_tiny_model_dir(path, "llama", tokenizer, seed=1234, **DEMO_SIZES)
+    init = build_tiny_model_dir(work / "init", "llama", tokenizer, seed=1234, **DEMO_SIZES)
+    if pretrain_steps == 0:
+        shutil.copytree(init, work / "final")
+    else:
+        corpus = work / "pretrain.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in pretraining_texts(8000)))
+        print(
+            f"[demo] pre-training the demo base model ({pretrain_steps} steps, cached in {path}) ...",
+            flush=True,
+        )
+        config = tunelab.load_config(
+            None,
+            model={"name_or_path": str(init)},
+            data={"train": str(corpus), "format": "text", "max_length": 48},
+            train={
+                "max_steps": pretrain_steps,
+                "batch_size": 32,
+                "lr": 3e-3,
+                "warmup_steps": 20,
+                "weight_decay": 0.01,
+                "seed": 1234,
+                "log_every": 20,
+            },
+            output_dir=str(work / "run"),
+        )
+        tunelab.train(config)
+        shutil.copytree(work / "run" / "final", work / "final")
+    if path.exists():
+        shutil.rmtree(path)
+    (work / "final").rename(path)
+    shutil.rmtree(work, ignore_errors=True)
     return path

@@ -17,19 +17,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.data.collate import count_targets, left_pad, pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation
+from tunelab.data.packing import model_inputs
 from tunelab.data.tokenize import TokenizedExample
-from tunelab.losses.causal_lm import chunked_lm_loss_sum
+from tunelab.losses.causal_lm import chunked_lm_loss_sum, lm_loss_sum
 
 
-def model_lm_loss_sum(model: PreTrainedModel, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """Summed next-token loss of a padded batch, computing logits only at target positions."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
+def model_lm_loss_sum(
+    model: PreTrainedModel, batch: dict, chunk_size: int = 1024, chunked: bool = True
+) -> torch.Tensor:
+    """Summed next-token loss of a padded or packed batch (`tunelab.data.packing`). `chunked`:
+    logits only at target positions, in chunks (`chunked_lm_loss_sum`); else the full (B, T, V) logits."""
+    if not chunked:
+        logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
+        return lm_loss_sum(logits, batch["labels"])
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return chunked_lm_loss_sum(hidden, model.get_output_embeddings(), batch["labels"], chunk_size, softcap)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream, count_targets, pad_batch
 from tunelab.data.dataset import prepare_data
+from tunelab.data.packing import pack_batch, to_device, use_packed_attention
+from tunelab.data.packing import real_tokens as count_real_tokens
 from tunelab.evaluate import evaluate_loss, exact_match, model_lm_loss_sum
+from tunelab.methods import count_parameters
 from tunelab.training.loop import optimize, total_steps
 from tunelab.training.setup import save_final, setup_run
 
@@ -38,35 +41,48 @@ def run(config: RunConfig) -> dict:
     for note in data.notes:
         run_.print(f"[tunelab] data: {note}")
 
+    if cfg.data.packing:
+        attention = use_packed_attention(model)
+        run_.print(f"[tunelab] packing: one padding-free row per micro-batch, {attention} attention")
     train_examples = data.train.examples
     lengths = [len(e.input_ids) for e in train_examples]
     pad_id = tokenizer.pad_token_id
 
+    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
+    global_batch = cfg.train.batch_size * run_.dist.world_size
+
     def make_batches(position: int):
         for indices in batch_stream(
-            lengths, cfg.train.batch_size, cfg.train.seed, position, cfg.data.group_by_length
+            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
         ):
-            batch = pad_batch([train_examples[i] for i in indices], pad_id)
-            yield {k: v.to(run_.device) for k, v in batch.items()}
+            examples = [train_examples[i] for i in run_.dist.shard(indices)]
+            batch = pack_batch(examples) if cfg.data.packing else pad_batch(examples, pad_id)
+            yield to_device(batch, run_.device)
 
     def loss_fn(batch):
-        return model_lm_loss_sum(model, batch, cfg.train.loss_chunk_size), {}
+        return model_lm_loss_sum(model, batch, cfg.train.loss_chunk_size, cfg.train.chunked_loss), {}
 
     def units(batch):
         return count_targets(batch["labels"])
 
     def real_tokens(batch):
-        return int(batch["attention_mask"].sum())
+        return count_real_tokens(batch)
 
     def evaluate():
         return evaluate_loss(
             model, data.eval.examples, pad_id, cfg.train.batch_size, cfg.train.eval_batches, run_.autocast()
         )
 
-    steps = total_steps(run_, -(-len(train_examples) // cfg.train.batch_size))
+    steps = total_steps(run_, -(-len(train_examples) // global_batch))
     result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
 
-    summary = {"steps": result.steps, "final_train_loss": result.final_loss}
+    trainable, total = count_parameters(model)
+    summary = {
+        "steps": result.steps,
+        "final_train_loss": result.final_loss,
+        "trainable_params": trainable,
+        "all_params": total,
+    }
     if data.eval:
         summary.update(evaluate())
         if cfg.eval.generate and data.format in ("instruction", "chat", "prompt_completion"):

@@ -10,12 +10,14 @@
 
 A checkpoint is written to `step-N.tmp/` and renamed when complete, so a crash mid-write leaves the
 previous checkpoints intact; only the last `keep_last` are kept.
+
+Distributed runs (tunelab.training.distributed) write the same files: FSDP shards are gathered
+and rank 0 writes; `rng.safetensors` and `state.json` also hold every rank's RNG states.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import trainable_parameters
+from tunelab.training.distributed import full_tensor, restore_rng, rng_states, shard_like
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -52,7 +55,7 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
         entry = {}
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{key}"] = full_tensor(value).detach().contiguous().cpu()
                 entry[key] = "__tensor__"
             else:
                 entry[key] = value
@@ -78,28 +81,33 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     extra_state: dict | None = None,
+    is_main: bool = True,
 ) -> Path:
-    """Write checkpoint `step-N` atomically and prune old ones; returns its folder."""
+    """Write checkpoint `step-N` atomically and prune old ones; returns its folder.
+
+    In a distributed run every rank calls this (sharded tensors are gathered collectively) and only
+    the main rank (`is_main`) writes."""
     root = output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
+    weights = {
+        name: full_tensor(p).detach().contiguous().cpu() for name, p in trainable_parameters(model).items()
+    }
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    rng, rng_json = rng_states()
+    if not is_main:
+        return final
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    weights = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
     save_file(weights, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda{i}"] = s
     save_file(rng, tmp / "rng.safetensors")
     state = {
         "step": step,
         "data_position": data_position,
-        "python_rng": random.getstate(),
+        **rng_json,
         **(extra_state or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state))
@@ -125,18 +133,17 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         )
     with torch.no_grad():
         for name, p in trainable.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
+            p.copy_(shard_like(weights[name].to(p.device, p.dtype), p))
     opt_state = _optimizer_from_files(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )
+    # Under FSDP each rank keeps its shard of the per-parameter tensors (exp_avg, ...).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if key != "step" and torch.is_tensor(value) and value.shape == params[index].shape:
+                entry[key] = shard_like(value, params[index])
     optimizer.load_state_dict(opt_state)
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
-        if states:
-            torch.cuda.set_rng_state_all(states)
     state = json.loads((path / "state.json").read_text())
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
+    restore_rng(load_file(path / "rng.safetensors"), state)
     return state

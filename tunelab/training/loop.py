@@ -7,6 +7,8 @@ units of all its micro-batches together:
     g = grad( sum_k L_sum(batch_k) / sum_k n_units(batch_k) )
 
 so the step is the same whatever the split into micro-batches. Then: clip, AdamW, next lr.
+In a distributed run (`tunelab.training.distributed`) the sums also run over ranks: the units are
+all-reduced before the backward passes, and the logged loss and metrics are global.
 Metrics are logged, evaluation and checkpoints happen on their intervals, and the data position
 (micro-batches consumed) is saved so that a resumed run continues at the exact next batch.
 """
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from tunelab.methods import trainable_parameters
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.training.distributed import full_tensor
 from tunelab.training.metrics import MetricsLog, plot_loss
 from tunelab.training.optim import build_optimizer, lr_at, set_lr
 from tunelab.training.setup import Run
@@ -58,11 +61,13 @@ def optimize(
     """Run `steps` optimizer steps. `make_batches(position)` yields micro-batches from that position."""
     cfg = run.config.train
     model = run.model
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
     optimizer = build_optimizer(model, cfg)
     params = list(trainable_parameters(model).values())
     start_step = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(run.output_dir)
+        run.dist.check_same(str(checkpoint), "the latest checkpoint")
         if checkpoint is None:
             run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
         else:
@@ -89,26 +94,31 @@ def optimize(
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             position += cfg.grad_accum
             units = sum(units_fn(b) for b in micro)
+            step_tokens = sum((token_count_fn or units_fn)(b) for b in micro)
+            units, step_tokens = (int(v) for v in run.dist.sum(units, step_tokens))  # over all ranks
             loss_total, extras = 0.0, {}
-            for batch in micro:
-                with run.autocast():
-                    loss_sum, extra = loss_fn(batch)
-                (loss_sum / max(units, 1)).backward()
+            for index, batch in enumerate(micro):
+                with run.dist.grad_sync(index == len(micro) - 1):
+                    with run.autocast():
+                        loss_sum, extra = run.dist.forward(loss_fn, batch)
+                    # Ranks average gradients; x world_size turns that into their sum (distributed.py).
+                    (loss_sum * run.dist.world_size / max(units, 1)).backward()
                 loss_total += float(loss_sum.detach())
                 for key, value in extra.items():
                     extras[key] = extras.get(key, 0.0) + float(value)
+            loss_total, *extra_sums = run.dist.sum(loss_total, *extras.values())
+            extras = dict(zip(extras, extra_sums, strict=True))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             last_loss = loss_total / max(units, 1)
-            step_tokens = sum((token_count_fn or units_fn)(b) for b in micro)
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - started
             row = {
                 "step": step,
                 "loss": last_loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(full_tensor(grad_norm)),
                 "tokens": step_tokens,
                 "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                 **{k: v / max(units, 1) for k, v in extras.items()},
@@ -125,9 +135,16 @@ def optimize(
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             history.append(row)
             bar.update(1)
-            if cfg.save_every and step % cfg.save_every == 0 and step != steps and run.is_main:
+            if cfg.save_every and step % cfg.save_every == 0 and step != steps:
                 save_checkpoint(
-                    run.output_dir, step, model, optimizer, position, run.config_yaml, cfg.keep_last
+                    run.output_dir,
+                    step,
+                    model,
+                    optimizer,
+                    position,
+                    run.config_yaml,
+                    cfg.keep_last,
+                    is_main=run.is_main,
                 )
     except KeyboardInterrupt:
         bar.close()

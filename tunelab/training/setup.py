@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +19,8 @@ from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, parameter_report, trainable_parameters
 from tunelab.models import load_model, load_tokenizer, resolve_device
+from tunelab.training import distributed
+from tunelab.training.distributed import Parallel
 
 
 @dataclass
@@ -34,6 +36,9 @@ class Run:
     config_yaml: str
     is_main: bool = True
     """Only the main process prints, logs and writes files (distributed runs)."""
+    dist: Parallel = field(default_factory=Parallel)
+    """This process's place in a torchrun launch and the collectives a loop needs (one process:
+    identities); see `tunelab.training.distributed`."""
 
     def autocast(self):
         """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32)."""
@@ -77,13 +82,30 @@ def prepare_model(config: RunConfig, device: torch.device | None = None):
         model.config.use_cache = False
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if config.train.compile:
+        compile_blocks(model)
     if not trainable_parameters(model):
         raise TunelabError(f"method {config.method.name!r} left no trainable parameter")
     return model, tokenizer, method
 
 
+def compile_blocks(model: PreTrainedModel) -> None:
+    """`torch.compile` every decoder block, with dynamic shapes (`train.compile`). Fuses norms, rotary
+    embeddings, activations and the adapters' small ops; the embedding, the chunked loss and packed
+    attention (`tunelab.data.packing`, excluded from compilation) stay eager. Compiling per block
+    keeps one graph for all blocks and survives changing sequence lengths without recompiling."""
+    from tunelab.methods.inject import decoder_layers
+
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | None = None) -> Run:
-    """Seed, create the output folder, load and transform the model."""
+    """Seed, create the output folder, load and transform the model. Under torchrun, join the
+    process group first; the model becomes data-parallel when training starts (`Parallel.wrap`)."""
+    parallel = distributed.init(config)
+    is_main = is_main and parallel.is_main
     seed_everything(config.train.seed)
     output_dir = Path(config.output_dir)
     if is_main:
@@ -91,9 +113,17 @@ def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | No
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if is_main:
         (output_dir / "config.yaml").write_text(config_yaml)
-    model, tokenizer, method = prepare_model(config, device)
+    model, tokenizer, method = prepare_model(config, device or parallel.device)
     run = Run(
-        config, model, tokenizer, method, next(model.parameters()).device, output_dir, config_yaml, is_main
+        config,
+        model,
+        tokenizer,
+        method,
+        next(model.parameters()).device,
+        output_dir,
+        config_yaml,
+        is_main,
+        parallel,
     )
     run.print(f"[tunelab] model {config.model.name_or_path} ({type(model).__name__}) on {run.device}")
     run.print(f"[tunelab] method {config.method.name}: {parameter_report(model)}")
@@ -101,8 +131,10 @@ def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | No
 
 
 def save_final(run: Run) -> Path:
-    """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer."""
+    """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer. Every rank calls it
+    (FSDP gathers the trained parameters); rank 0 writes."""
     final = run.output_dir / "final"
+    model = run.dist.unsharded_model(run) if run.dist.sharded else run.model
     if not run.is_main:
         return final
     tmp = run.output_dir / "final.tmp"
@@ -111,7 +143,7 @@ def save_final(run: Run) -> Path:
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    run.method.save(run.model, run.config.method.options, tmp, run.config.model.name_or_path)
+    run.method.save(model, run.config.method.options, tmp, run.config.model.name_or_path)
     run.tokenizer.save_pretrained(tmp)
     if final.exists():
         import shutil

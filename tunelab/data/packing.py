@@ -1,0 +1,138 @@
+"""Padding-free packing: the examples of a micro-batch concatenated into one row, with attention
+that cannot cross examples.
+
+A padded micro-batch of B examples of lengths T_1..T_B costs B * max_i T_i token slots; packed, it
+costs sum_i T_i. The packed row carries, for examples i = 1..B with offsets c_0 = 0,
+c_i = c_{i-1} + T_i:
+
+    input_ids    (1, N)   x_1 ++ x_2 ++ ... ++ x_B                         N = c_B
+    position_ids (1, N)   0..T_1-1 ++ 0..T_2-1 ++ ...                      (RoPE restarts per example)
+    labels       (1, N)   y_i with its first label set to -100              (no loss across a boundary)
+    cu_seq_lens_q/k (B+1,) int32 [c_0, ..., c_B]; max_length_q/k = max_i T_i
+
+and the attention of token t of example i sees only tokens c_{i-1} .. t of the same example:
+
+    attn(q_t) = softmax(q_t K_i^T / sqrt(d) + causal) V_i,   K_i, V_i = rows c_{i-1}..c_i - 1
+
+so every example's logits, and hence the summed loss, equal those of the padded batch (up to
+floating-point reassociation; `tests/unit/test_packing.py` checks it). The micro-batches keep the
+same examples as unpadded ones, so packing changes the cost of a step, not the step.
+
+The attention: `cu_seq_lens_*` are the keywords of FlashAttention's varlen kernels, so on a GPU with
+`flash_attention_2` the packed row runs natively. Everywhere else `use_packed_attention(model)`
+switches the model to `tunelab_packed`, registered here: SDPA run per example (a loop over
+B slices, each with `is_causal=True`), so attention costs sum_i T_i^2 rather than the N^2 of one
+block-diagonal mask (what transformers builds for SDPA from restarting `position_ids` alone).
+Without `cu_seq_lens_q` (ordinary padded batches, generation) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+from tunelab.errors import TunelabError
+
+PACKED_ATTENTION = "tunelab_packed"
+NATIVE_VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4", PACKED_ATTENTION)
+PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def pack_batch(examples: list[TokenizedExample]) -> dict:
+    """One packed row holding `examples` (see the module docstring for the fields)."""
+    lengths = [len(e.input_ids) for e in examples]
+    input_ids = torch.tensor([t for e in examples for t in e.input_ids]).unsqueeze(0)  # (1, N)
+    labels = torch.tensor(
+        [label if j > 0 else IGNORE_INDEX for e in examples for j, label in enumerate(e.labels)]
+    ).unsqueeze(0)  # (1, N)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)  # (1, N)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)  # (B + 1,)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def is_packed(batch: dict) -> bool:
+    """Does `batch` come from `pack_batch`?"""
+    return "cu_seq_lens_q" in batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments a model's forward takes from a padded or a packed batch."""
+    if is_packed(batch):
+        return {"input_ids": batch["input_ids"], **{k: batch[k] for k in PACKED_KEYS}}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a padded or packed batch to `device` (integers stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens that are not padding."""
+    return int(batch["input_ids"].numel() if is_packed(batch) else batch["attention_mask"].sum())
+
+
+@torch.compiler.disable
+def packed_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention per packed example (query (1, H, N, D), key/value (1, Hkv, N, D)); plain SDPA for
+    batches that are not packed. Returns (1, N, H, D) like every transformers attention function."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        raise TunelabError("packed attention expects one packed row and no key/value cache")
+    dtype = query.dtype
+    if query.device.type == "cpu":  # PyTorch's CPU flash kernel is faster in float32 than in bfloat16
+        query, key, value = query.float(), key.float(), value.float()
+    bounds = cu_seq_lens.tolist()
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True
+        )  # (1, H, T_i, D)
+        for q, k, v in zip(
+            query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), strict=True
+        )
+    ]
+    attn_output = torch.cat(outputs, dim=2).to(dtype)  # (1, H, N, D)
+    return attn_output.transpose(1, 2).contiguous(), None  # (1, N, H, D)
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def use_packed_attention(model: PreTrainedModel) -> str:
+    """Make `model` attend within packed examples: keep a varlen FlashAttention, else switch SDPA/eager
+    to `tunelab_packed`. Returns the attention implementation now in use."""
+    current = model.config._attn_implementation
+    if current in NATIVE_VARLEN:
+        return current
+    if current not in ("sdpa", "eager"):
+        raise TunelabError(
+            f"data.packing needs sdpa, eager or flash_attention_2 attention; the model uses {current!r}"
+        )
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return PACKED_ATTENTION
