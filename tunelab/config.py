@@ -73,9 +73,10 @@ class DataConfig:
         "auto"
     )
     """Record format. `auto` detects it from the first record's fields."""
-    template: Literal["auto", "alpaca", "chat"] = "auto"
-    """How prompts are rendered: `chat` uses the tokenizer's chat template, `alpaca` the plain
-    `### Instruction / ### Input / ### Response` template; `auto` = chat if the tokenizer has a template."""
+    template: Literal["auto", "alpaca", "chat", "plain"] = "auto"
+    """How prompts are rendered: `chat` uses the tokenizer's chat template, `alpaca` the
+    `### Instruction / ### Input / ### Response` template, `plain` the prompt and response
+    concatenated as they are; `auto` = chat if the tokenizer has a template, else alpaca."""
     max_length: int = 512
     """Maximum tokens per example; longer ones are truncated (counted and reported)."""
     train_on_prompt: bool = False

@@ -1,11 +1,12 @@
 """The offline demo: fine-tune a small model on the bundled instruction data and show it learned.
 
-The base model is built deterministically at first run and cached in `.cache/demo-model/`:
+The base model ships with the repository in `models/demo-base/` (3.7 MB); `scripts/make_demo_model.py`
+rebuilds it from nothing, deterministically on a given machine (about 5 minutes on 2 cores):
 
 1. a Llama-architecture model (hidden 128, 4 layers, about 0.9M parameters) with random weights
    and a byte-level BPE tokenizer trained on the demo data;
-2. "pre-trained" with tunelab itself (full fine-tuning, raw-text objective) on a corpus of plain
-   statements of the same six tasks in another wording (`reverse: red owl = owl red`), so that it
+2. "pre-trained" with tunelab itself (full fine-tuning, `plain` template) on plain statements of
+   the same six operations in another wording (`reverse: red owl =` -> ` owl red`), so that it
    knows the words and the operations but not the instruction format.
 
 Instruction fine-tuning then teaches it to follow `### Instruction / ### Input / ### Response`
@@ -25,7 +26,7 @@ from tunelab.demo_data import TASKS, WORDS
 from tunelab.tiny import build_tiny_model_dir, build_tokenizer
 
 DEMO_DATA = Path("data/demo")
-DEMO_MODEL = Path(".cache/demo-model")
+DEMO_MODEL = Path("models/demo-base")
 DEMO_SIZES = {
     "hidden": 128,
     "layers": 4,
@@ -34,7 +35,7 @@ DEMO_SIZES = {
     "intermediate": 384,
     "max_positions": 256,
 }
-PRETRAIN_STEPS = 400
+PRETRAIN_STEPS = 5000
 
 
 def demo_corpus(data_dir: Path = DEMO_DATA) -> list[str]:
@@ -47,25 +48,26 @@ def demo_corpus(data_dir: Path = DEMO_DATA) -> list[str]:
     return texts
 
 
-def pretraining_texts(n: int, seed: int = 99) -> list[str]:
-    """Plain statements of the demo operations, worded unlike the instructions."""
+def pretraining_records(n: int, seed: int = 99) -> list[dict]:
+    """Plain statements of the demo operations, worded unlike the instructions, as
+    prompt/completion pairs: `{"prompt": "reverse: red owl =", "completion": " owl red"}`."""
     rng = random.Random(seed)
-    texts = []
+    records = []
     for _ in range(n):
         name = rng.choice([*TASKS, "add"])
         if name == "add":
             a, b = rng.randint(0, 9), rng.randint(0, 9)
-            texts.append(f"{a} plus {b} = {a + b}")
+            records.append({"prompt": f"{a} plus {b} =", "completion": f" {a + b}"})
             continue
         words = rng.sample(WORDS, rng.randint(2, 3) if name == "repeat" else rng.randint(2, 5))
-        texts.append(f"{name}: {' '.join(words)} = {TASKS[name][1](words)}")
-    return texts
+        records.append({"prompt": f"{name}: {' '.join(words)} =", "completion": f" {TASKS[name][1](words)}"})
+    return records
 
 
 def ensure_demo_model(
     path: Path = DEMO_MODEL, data_dir: Path = DEMO_DATA, pretrain_steps: int = PRETRAIN_STEPS
 ) -> Path:
-    """Build (once) and return the demo base model folder (see the module docstring)."""
+    """Return the demo base model folder, building it first if it is missing (see the module docstring)."""
     path = Path(path)
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
@@ -80,20 +82,20 @@ def ensure_demo_model(
         shutil.copytree(init, work / "final")
     else:
         corpus = work / "pretrain.jsonl"
-        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in pretraining_texts(8000)))
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in pretraining_records(20000)))
         print(
-            f"[demo] pre-training the demo base model ({pretrain_steps} steps, cached in {path}) ...",
+            f"[demo] pre-training the demo base model ({pretrain_steps} steps, into {path}) ...",
             flush=True,
         )
         config = tunelab.load_config(
             None,
             model={"name_or_path": str(init)},
-            data={"train": str(corpus), "format": "text", "max_length": 48},
+            data={"train": str(corpus), "format": "prompt_completion", "template": "plain", "max_length": 48},
             train={
                 "max_steps": pretrain_steps,
                 "batch_size": 32,
-                "lr": 3e-3,
-                "warmup_steps": 20,
+                "lr": 2e-3,
+                "warmup_steps": 30,
                 "weight_decay": 0.01,
                 "seed": 1234,
                 "log_every": 20,

@@ -181,3 +181,14 @@ def test_pad_batch_masks_padding(tiny_tokenizer, tmp_path):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert count_targets(batch["labels"]) == sum(e.num_targets for e in data.train.examples)
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_plain_template_concatenates_prompt_and_completion(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 2 =", "completion": " 4"}])
+    data = prepare(tiny_tokenizer, path, template="plain")
+    example = data.train.examples[0]
+    assert tiny_tokenizer.decode(example.input_ids) == "2 + 2 = 4" + tiny_tokenizer.eos_token
+    targets = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX]
+    assert tiny_tokenizer.decode(targets) == " 4" + tiny_tokenizer.eos_token
+    ids, reference = prompt_and_reference(data.train.conversations[0], tiny_tokenizer, "plain")
+    assert tiny_tokenizer.decode(ids) == "2 + 2 =" and reference == " 4"

@@ -17,6 +17,9 @@ Two templates:
       ### Response:
       {response}<eos>
 
+- `plain`: no decoration at all: the prompt text, then the response and EOS (what TRL does with
+  prompt/completion pairs): `{prompt}{response}<eos>`.
+
 Raw text (`text` turns) is a single target segment, EOS appended (documents end where they end).
 """
 
@@ -49,6 +52,14 @@ def render_segments(conv: Conversation, tokenizer: PreTrainedTokenizerBase, temp
     """The conversation as (text, is_target) segments under `template` (`chat` or `alpaca`)."""
     if conv.turns and conv.turns[0][0] == "text":
         return [(conv.turns[0][1] + (tokenizer.eos_token or ""), True)]
+    if template == "plain":
+        plain: list[Segment] = []
+        for role, content in conv.turns:
+            if role == "assistant":
+                plain.append((f"{content}{tokenizer.eos_token or ''}", True))
+            else:
+                plain.append((content, False))
+        return plain
     if template == "alpaca":
         segments: list[Segment] = []
         for role, content in conv.turns:
@@ -99,7 +110,7 @@ def generation_prompt(
     last = max(i for i, (role, _) in enumerate(conv.turns) if role == "assistant")
     reference = conv.turns[last][1]
     head = Conversation(conv.turns[:last], conv.extra)
-    if template == "alpaca":
+    if template in ("alpaca", "plain"):
         text = "".join(
             t
             for t, _ in render_segments(
