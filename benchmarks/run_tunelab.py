@@ -1,0 +1,141 @@
+"""One benchmark run of tunelab: `tunelab.train(config)` exactly as the CLI runs it.
+
+    python -m benchmarks.run_tunelab --cache benchmarks/.cache --method lora --steps 30 \
+        data.packing=true model.dtype=bfloat16 train.precision=bf16
+
+Prints `RESULT {json}` (see `benchmarks.common`). The hyperparameters match `run_trl.py`: batch 8,
+max length 512, loss on responses only, AdamW at a constant `lr`, clip 1.0, LoRA r=16,
+alpha=32, no dropout, on every linear layer of the decoder blocks. Extra arguments are tunelab
+config overrides (`key.sub=value`), the performance switches under test.
+
+Step times come from the run's own `metrics.jsonl`: each row holds the step's real tokens and the
+running tokens/s since the loop started, so the elapsed time at every step is recovered exactly.
+The step's examples (for padding and FLOPs) are recomputed from the seeded batch order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default="benchmarks/.cache")
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="tunelab config overrides, key.sub=value")
+    args = parser.parse_args()
+
+    import torch
+
+    import tunelab
+    from benchmarks import common
+    from benchmarks.workload import build
+    from tunelab.config import load_config
+    from tunelab.data.collate import epoch_batches
+    from tunelab.data.dataset import prepare_data
+    from tunelab.models import load_tokenizer
+    from tunelab.training.metrics import read_metrics
+
+    started = time.perf_counter()
+    workload = build(args.cache, args.shape)
+    out = workload.root / "tunelab-out"
+    method = {"name": "full"}
+    if args.method == "lora":
+        method = {"name": "lora", "r": args.rank, "alpha": 2 * args.rank, "target_modules": "all-linear"}
+    config = load_config(
+        None,
+        args.overrides,
+        model={"name_or_path": str(workload.model_dir), "device": args.device},
+        method=method,
+        data={"train": str(workload.train_alpaca), "template": "alpaca", "max_length": args.max_length},
+        train={
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "schedule": "constant",
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "seed": args.seed,
+            "progress": False,
+        },
+        eval={"generate": False},
+        output_dir=str(out),
+    )
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    tunelab.train(config)
+    peak = common.peak_rss_mb()
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
+
+    rows = read_metrics(out)
+    timer = common.StepTimer()
+    timer.start = 0.0
+    cumulative = 0
+    for row in rows:
+        cumulative += row["tokens"]
+        timer.marks.append((cumulative / row["tokens_per_s"], cumulative))
+    timing = common.StepTimer.summary(timer, args.warmup)
+
+    # The examples of every step, from the seeded order (single process, grad_accum 1).
+    tokenizer = load_tokenizer(str(workload.model_dir))
+    examples = prepare_data(config.data, tokenizer, seed=config.train.seed).train.examples
+    lengths = [len(e.input_ids) for e in examples]
+    per_epoch = epoch_batches(lengths, args.batch_size, args.seed, 0, config.data.group_by_length)
+    steps = [per_epoch[i] for i in range(len(rows))]
+    timed = steps[args.warmup :]
+    real = sum(lengths[i] for b in timed for i in b)
+    padded = real if config.data.packing else sum(len(b) * max(lengths[i] for i in b) for b in timed)
+    assert real == timing["timed_tokens"], (real, timing["timed_tokens"])
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(workload.model_dir)
+    lora = common.lora_param_count(model_cfg, args.rank) if args.method == "lora" else 0
+    flops = sum(
+        common.step_flops(
+            model_cfg, [lengths[i] for i in b], sum(examples[i].num_targets for i in b), args.method, lora
+        )
+        for b in timed
+    )
+    result = {
+        "trainer": "tunelab",
+        "shape": args.shape,
+        "device": args.device,
+        "method": args.method,
+        "overrides": args.overrides,
+        "steps": len(rows),
+        **timing,
+        "model_flops_per_s": flops / timing["timed_seconds"],
+        "padding_fraction": 1 - real / padded,
+        "peak_rss_mb": peak,
+        "peak_gpu_mb": gpu_peak,
+        "total_seconds": time.perf_counter() - started,
+        "losses": [row["loss"] for row in rows],
+        "threads": torch.get_num_threads(),
+    }
+    if not args.no_eval:
+        from tunelab.methods import load_trained
+
+        model, _, _ = load_trained(out / "final", dtype="float32", device=args.device)
+        batches = common.eval_batches(str(workload.model_dir), str(workload.eval_alpaca))
+        result["eval_loss"] = common.eval_loss(model, batches)
+    common.emit(result)
+
+
+if __name__ == "__main__":
+    main()

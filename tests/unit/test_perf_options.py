@@ -1,0 +1,124 @@
+"""Every performance switch trains, and the bf16-base LoRA computes the fp32 gradients closely.
+
+Switches: `data.packing`, `data.group_by_length`, `train.chunked_loss`, `model.dtype=bfloat16`
+with `train.precision=bf16` (frozen base in bf16, float32 adapters), `model.gradient_checkpointing`,
+`train.compile`. Their measured effects are in BENCHMARKS.md; no timing is asserted here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tests.helpers import sft_config
+from tunelab.data.collate import pad_batch
+from tunelab.data.packing import pack_batch, use_packed_attention
+from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
+from tunelab.evaluate import model_lm_loss_sum
+from tunelab.methods import lora, trainable_parameters
+from tunelab.models import load_model
+from tunelab.training.metrics import read_metrics
+
+LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
+SWITCHES = {
+    "defaults": [],
+    "packing": ["data.packing=true"],
+    "group_by_length": ["data.group_by_length=true"],
+    "full_logits": ["train.chunked_loss=false"],
+    "bf16_base": ["model.dtype=bfloat16", "train.precision=bf16"],
+    "checkpointing": ["model.gradient_checkpointing=true", "data.packing=true"],
+    "all_fast": [
+        "data.packing=true",
+        "model.dtype=bfloat16",
+        "train.precision=bf16",
+        "train.loss_chunk_size=16",
+    ],
+}
+
+
+def _check_trained(out, model_dir, method):
+    rows = read_metrics(out)
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    final = out / "final"
+    if method == "lora":
+        adapter = load_file(final / "adapter_model.safetensors")
+        assert adapter and all(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k)
+    else:
+        before, after = load_file(model_dir / "model.safetensors"), load_file(final / "model.safetensors")
+        assert all(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_every_switch_trains_lora(tiny_model_dirs, instruction_data, tmp_path, switch):
+    model_dir = tiny_model_dirs["llama"]
+    config = sft_config(model_dir, instruction_data[0], tmp_path, *SWITCHES[switch], method=LORA)
+    tunelab.train(config)
+    _check_trained(tmp_path, model_dir, "lora")
+
+
+@pytest.mark.parametrize("switch", ["packing", "all_fast"])
+def test_fast_switches_train_full_finetuning(tiny_model_dirs, instruction_data, tmp_path, switch):
+    model_dir = tiny_model_dirs["qwen2"]
+    tunelab.train(sft_config(model_dir, instruction_data[0], tmp_path, *SWITCHES[switch]))
+    _check_trained(tmp_path, model_dir, "full")
+
+
+def test_compile_trains(tiny_model_dirs, instruction_data, tmp_path):
+    """`train.compile` compiles every decoder block; with packing the attention stays eager."""
+    model_dir = tiny_model_dirs["llama"]
+    overrides = ["train.compile=true", "data.packing=true", "train.max_steps=6"]
+    tunelab.train(sft_config(model_dir, instruction_data[0], tmp_path / "c", *overrides, method=LORA))
+    tunelab.train(
+        sft_config(model_dir, instruction_data[0], tmp_path / "e", "data.packing=true", method=LORA)
+    )
+    _check_trained(tmp_path / "c", model_dir, "lora")
+    compiled = [r["loss"] for r in read_metrics(tmp_path / "c")]
+    eager = [r["loss"] for r in read_metrics(tmp_path / "e")]
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+def _lora_model(model_dir, dtype: str):
+    torch.manual_seed(0)
+    model = load_model(str(model_dir), dtype=dtype, device="cpu")
+    lora.apply(model, lora.Options(r=4, alpha=8, target_modules="all-linear"))
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(model).values():  # B = 0 would make every A-gradient zero
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_base_lora_gradients_match_fp32(tiny_model_dirs, packed):
+    """Frozen base in bf16 under bf16 autocast (adapters float32) vs everything in float32: the loss
+    within 1%, every adapter gradient within a few percent (relative norm) and aligned."""
+    model_dir = tiny_model_dirs["llama"]
+    fp32, bf16 = _lora_model(model_dir, "float32"), _lora_model(model_dir, "bfloat16")
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(bf16).values())
+    assert all(p.dtype == torch.bfloat16 for n, p in bf16.named_parameters() if "lora_" not in n)
+    g = torch.Generator().manual_seed(3)
+    exs = []
+    for n in (20, 33, 12, 27):
+        ids = torch.randint(10, fp32.config.vocab_size, (n,), generator=g).tolist()
+        exs.append(TokenizedExample(ids, [IGNORE_INDEX] * 5 + ids[5:]))
+    batch = pack_batch(exs) if packed else pad_batch(exs, 0)
+    if packed:
+        use_packed_attention(fp32), use_packed_attention(bf16)
+    loss32 = model_lm_loss_sum(fp32, batch)
+    loss32.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model_lm_loss_sum(bf16, batch)
+    loss16.backward()
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    grads32, grads16 = trainable_parameters(fp32), trainable_parameters(bf16)
+    worst = 0.0
+    for name, p in grads32.items():
+        a, b = p.grad.flatten(), grads16[name].grad.flatten()
+        if float(a.norm()) == 0.0:
+            continue
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
+        worst = max(worst, float((a - b).norm() / a.norm()))
+    assert worst < 0.08

@@ -1,0 +1,291 @@
+"""GRPO: sample a group of completions per prompt and push up those that beat their group.
+
+Shao et al. 2024 ("DeepSeekMath"), as refined by DAPO (Yu et al. 2025) and Dr. GRPO (Liu et al.
+2025). Each step, for `train.batch_size` prompts:
+
+1. a group of G = `num_generations` completions per prompt, sampled at temperature tau / top-p
+   (tunelab/rl/rollouts.py);
+2. a score per completion: the weighted sum of Python reward functions (and/or a reward model;
+   tunelab/rl/rewards.py);
+3. group advantages A_i = (s_i - mean_group s) / (std_group s + 1e-4), or s_i - mean_group s with
+   `scale_rewards: false` (tunelab/rl/advantages.py); no value model;
+4. `num_iterations` passes (mu) over the completions in `num_mini_batches` mini-batches, one
+   optimizer step each, minimising
+
+       l_{i,t} = -min(rho A_i, clip(rho, 1 - eps, 1 + eps_high) A_i) + beta * k3(pi || pi_ref)
+
+   aggregated over tokens as `loss_aggregation` says (`sequence`, `token`, `constant`; see
+   tunelab/losses/grpo.py). rho = pi / pi_old = 1 on the first pass of a single mini-batch, where
+   the loss gradient is the policy gradient. The k3 KL term (beta > 0) uses the reference policy:
+   the method disabled, or a frozen copy (tunelab/reference.py).
+
+Logged per step: reward (and per reward function), reward_std, kl (mean k3 per token, when
+beta > 0), entropy, clip_frac, completion_length, eos_fraction. `final/` holds the policy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.collate import batch_stream
+from tunelab.data.preference import prepare_prompts
+from tunelab.errors import TunelabError
+from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
+from tunelab.losses.kl import kl_k3
+from tunelab.reference import (
+    Reference,
+    disable_dropout,
+    final_hidden,
+    logprobs_from_hidden,
+    reference_logprobs,
+)
+from tunelab.rl.advantages import group_advantages
+from tunelab.rl.loop import apply_gradients, online_loop
+from tunelab.rl.rewards import Rewards, check_reward_spec
+from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns
+from tunelab.training.setup import save_final, setup_run
+
+
+@dataclass
+class Options:
+    reward_functions: list[str] = field(default_factory=list)
+    """Python reward functions, `package.module:function` or `path/file.py:function` (see tunelab/rl/rewards.py)."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (default 1 each)."""
+    reward_model: str | None = None
+    """Optionally also a reward model trained with `objective: reward` (weight 1); same tokenizer."""
+    num_generations: int = 8
+    """G, completions sampled per prompt (the group)."""
+    max_new_tokens: int = 64
+    """Longest completion sampled (also L of the `constant` aggregation)."""
+    temperature: float = 1.0
+    """Sampling temperature tau; the log-probs are those of the tempered policy."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest token set holding this much probability."""
+    num_iterations: int = 1
+    """mu: passes over each batch of completions."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass: the completions are split into this many mini-batches."""
+    epsilon: float = 0.2
+    """Lower clip eps of the ratio, 1 - eps."""
+    epsilon_high: float | None = None
+    """Upper clip of the ratio, 1 + eps_high (DAPO's clip-higher uses 0.28); default `epsilon`."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy (0: no reference needed, as TRL's default)."""
+    loss_aggregation: Literal["sequence", "token", "constant"] = "token"
+    """How token losses are averaged: `sequence` (GRPO: per completion, then over completions),
+    `token` (DAPO: over all tokens of the mini-batch), `constant` (Dr. GRPO: sum / (completions * max_new_tokens))."""
+    scale_rewards: bool = True
+    """Divide the advantages by the group's reward std (false: Dr. GRPO's unscaled advantages)."""
+
+    def __post_init__(self):
+        check_reward_spec(self.reward_functions, self.reward_weights, self.reward_model)
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (a group), not {self.num_generations}")
+        for name in ("max_new_tokens", "num_iterations", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0) or self.beta < 0:
+            raise ValueError("epsilon and epsilon_high must be > 0, beta >= 0")
+
+
+def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """`indices` in `parts` nearly equal, non-empty chunks."""
+    return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
+
+
+def run(config: RunConfig) -> dict:
+    """Train a policy with GRPO; returns the summary written to `summary.json`."""
+    cfg, options = config, config.objective.options
+    run_ = setup_run(cfg)
+    if run_.dist.world_size > 1:
+        raise TunelabError("grpo runs on one process (one device); launch it without torchrun")
+    tokenizer, model = run_.tokenizer, run_.model
+    data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
+    run_.print(
+        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval prompts, "
+        f"template {data.template}"
+    )
+    for note in data.notes:
+        run_.print(f"[tunelab] data: {note}")
+    rewards = Rewards(
+        options.reward_functions,
+        options.reward_weights,
+        options.reward_model,
+        tokenizer,
+        data.template,
+        run_.device,
+        cfg.model.dtype,
+    )
+    disable_dropout(model)
+    reference = Reference(model, run_.method, run_.dist.frozen_copy) if options.beta > 0 else None
+    run_.print(
+        f"[tunelab] rewards: {', '.join(rewards.names)}; "
+        f"reference policy: {reference.kind if reference else 'none (beta = 0)'}"
+    )
+    group, micro = options.num_generations, max(1, cfg.train.grad_accum)
+    reuse = options.num_iterations > 1 or options.num_mini_batches > 1  # pi_old differs from pi
+
+    def make_batches(position: int):
+        lengths = [len(p.prompt_ids) for p in data.train]
+        for indices in batch_stream(lengths, cfg.train.batch_size, cfg.train.seed, position):
+            yield [data.train[i] for i in indices]
+
+    def rollout_for(prompts, greedy=False) -> Rollout:
+        return generate_rollouts(
+            model,
+            tokenizer,
+            [p.prompt_ids for p in prompts],
+            options.max_new_tokens,
+            options.temperature,
+            options.top_p,
+            greedy,
+        )
+
+    def score(prompts, rollout: Rollout):
+        return rewards.score(
+            [p.prompt for p in prompts],
+            rollout.completions,
+            rollout.completion_ids,
+            prompt_columns([p.extra for p in prompts]),
+            rollout.input_ids,
+            rollout.attention_mask,
+        )
+
+    def policy_logprobs(rows: dict, prompt_length: int, with_entropy: bool = False):
+        """Completion-aligned (logprobs, entropy), each (n, R), of some rollout rows."""
+        hidden = final_hidden(model, rows["input_ids"], rows["attention_mask"])
+        logprobs, entropy = logprobs_from_hidden(
+            model, hidden, rows["input_ids"], rows["target_mask"], options.temperature, with_entropy
+        )
+        return logprobs[:, prompt_length:], entropy[:, prompt_length:] if with_entropy else None
+
+    def step_fn(step: int, prompts: list, optimizer) -> dict:
+        # 1-3. A group of completions per prompt, their scores and group advantages.
+        prompts = [p for p in prompts for _ in range(group)]
+        rollout = rollout_for(prompts)
+        p, n = rollout.prompt_length, len(prompts)
+        mask = rollout.response_mask.to(run_.device)  # (N, R)
+        scores, parts = score(prompts, rollout)
+        advantages = group_advantages(scores, group, options.scale_rewards).to(run_.device)  # (N,)
+
+        # pi_old (when the policy moves between the sampling and a later update) and pi_ref.
+        old_logprobs = ref_logprobs = None
+        with torch.no_grad(), run_.autocast():
+            if reuse:
+                old_logprobs = torch.cat(
+                    [policy_logprobs(rollout.rows(c), p)[0] for c in split(torch.arange(n), micro)]
+                )
+            if reference is not None:
+                ref_logprobs = torch.cat(
+                    [
+                        reference_logprobs(reference, **rollout.rows(c), temperature=options.temperature)[
+                            :, p:
+                        ]
+                        for c in split(torch.arange(n), micro)
+                    ]
+                )
+
+        # 4. mu passes over mini-batches, each mini-batch in micro-batches.
+        totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(options.num_iterations):
+            for batch in split(torch.randperm(n), options.num_mini_batches):
+                # the mini-batch's units (sequences, tokens or sequences x L), for every micro-batch
+                _, units = aggregate_loss(
+                    mask[batch], mask[batch], options.loss_aggregation, options.max_new_tokens
+                )
+                tokens = float(mask[batch].sum().clamp(min=1.0))
+                for chunk in split(batch, micro):
+                    m = mask[chunk]
+                    with run_.autocast():
+                        logprobs, entropy = policy_logprobs(rollout.rows(chunk), p, with_entropy=True)
+                    logprobs = logprobs.float()
+                    old = old_logprobs[chunk] if reuse else logprobs.detach()
+                    ref = ref_logprobs[chunk] if ref_logprobs is not None else None
+                    per_token, clipped = grpo_per_token_loss(
+                        logprobs,
+                        old,
+                        advantages[chunk],
+                        options.epsilon,
+                        options.epsilon_high,
+                        ref,
+                        options.beta,
+                    )
+                    loss_sum, _ = aggregate_loss(
+                        per_token, m, options.loss_aggregation, options.max_new_tokens
+                    )
+                    (loss_sum / units).backward()
+                    totals["loss"] += float(loss_sum.detach()) / units
+                    totals["clip_frac"] += float((clipped * m).sum()) / tokens
+                    totals["entropy"] += float((entropy * m).sum()) / tokens
+                    if ref is not None:
+                        totals["kl"] += float((kl_k3(logprobs.detach(), ref) * m).sum()) / tokens
+                totals["grad_norm"] += apply_gradients(run_, optimizer)
+                updates += 1
+        row = {key: value / updates for key, value in totals.items() if key != "kl" or reference is not None}
+        grouped = scores.view(-1, group)
+        row.update(
+            {
+                "reward": float(scores.mean()),
+                "reward_std": float(grouped.std(dim=1).mean()),
+                "zero_std_fraction": float((grouped.std(dim=1) == 0).float().mean()),
+                "completion_length": float(mask.sum(dim=1).mean()),
+                "eos_fraction": float(rollout.ended.float().mean()),
+                **{f"reward/{name}": float(values.mean()) for name, values in parts.items()},
+            }
+        )
+        return row
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Mean score of greedy completions of the held-out prompts (up to `eval.num_examples`)."""
+        prompts = data.eval[: cfg.eval.num_examples]
+        totals, count = {}, 0
+        for start in range(0, len(prompts), cfg.eval.batch_size):
+            batch = prompts[start : start + cfg.eval.batch_size]
+            rollout = rollout_for(batch, greedy=True)
+            scores, parts = score(batch, rollout)
+            for name, values in {
+                "eval_reward": scores,
+                **{f"eval_reward/{k}": v for k, v in parts.items()},
+            }.items():
+                totals[name] = totals.get(name, 0.0) + float(values.sum())
+            totals["eval_completion_length"] = totals.get("eval_completion_length", 0.0) + float(
+                rollout.response_mask.sum()
+            )
+            count += len(batch)
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    before = evaluate() if data.eval else {}
+    steps = cfg.train.max_steps or max(1, -(-int(cfg.train.epochs * len(data.train)) // cfg.train.batch_size))
+    result = online_loop(run_, make_batches, step_fn, steps, evaluate if data.eval else None)
+
+    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
+    summary = {
+        "steps": result.steps,
+        "final_train_loss": result.final_loss,
+        "reward_first_step": first.get("reward"),
+        "reward_last_step": last.get("reward"),
+    }
+    if data.eval:
+        summary.update({f"{k}_before": v for k, v in before.items()})
+        summary.update(evaluate())
+    if reference is not None:
+        reference.copy = None
+    final = save_final(run_)
+    summary["final_dir"] = str(final)
+    if run_.is_main:
+        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_.print(
+            "[tunelab] "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
+    return summary

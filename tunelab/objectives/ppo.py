@@ -1,0 +1,301 @@
+"""PPO from feedback: sample responses, score them, and improve the policy with clipped updates.
+
+Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"), Ouyang et al. 2022,
+with the details of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"). Each step:
+
+1. rollouts: one response per prompt, sampled at temperature tau / top-p, at most
+   `max_new_tokens`, stopping at EOS (tunelab/rl/rollouts.py);
+2. score s: a trained reward model and/or Python reward functions (tunelab/rl/rewards.py), minus
+   `missing_eos_penalty` for a response cut before EOS; normalised over the batch to mean 0 and
+   std 1 (`whiten_scores`: the value head starts at 0 and a reward model's scale is arbitrary);
+3. per-token rewards r_t = -kl_coef * KL_t (+ s at the last token), KL_t an estimate (k1 by default)
+   of log pi_old / pi_ref against the reference policy (the method disabled, or a frozen copy);
+4. values V_t from a value head on the policy's own hidden states (zero-initialised, trains in
+   full), GAE advantages A_t (gamma, lambda) and returns R_t = A_t + V_t; A whitened over the batch;
+5. `ppo_epochs` passes over the rollouts in `num_mini_batches` mini-batches, one optimizer step each:
+
+       L = mean_tokens[ max(-A rho, -A clip(rho, 1 +- eps)) ] + vf_coef * mean_tokens[ 1/2 max((V - R)^2, (V_clip - R)^2) ]
+
+   rho = pi / pi_old per token; a mini-batch may be split into `train.grad_accum` micro-batches
+   (the token mean is taken over the whole mini-batch, so the step is the same).
+
+Logged per step: reward, kl (per response, summed over tokens), entropy, clip_frac, value_loss,
+response_length, eos_fraction. `train.batch_size` prompts per step; `train.max_steps` steps (or
+`train.epochs` passes over the prompts). The value head is not saved: `final/` holds the policy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.collate import batch_stream
+from tunelab.data.preference import prepare_prompts
+from tunelab.errors import TunelabError
+from tunelab.losses.kl import per_token_kl
+from tunelab.losses.ppo import approx_policy_kl, clipped_policy_loss, clipped_value_loss
+from tunelab.reference import (
+    Reference,
+    disable_dropout,
+    final_hidden,
+    logprobs_from_hidden,
+    reference_logprobs,
+)
+from tunelab.rl.advantages import gae, masked_mean, masked_whiten, token_rewards
+from tunelab.rl.loop import apply_gradients, online_loop
+from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
+from tunelab.rl.rewards import Rewards, check_reward_spec
+from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns
+from tunelab.training.setup import save_final, setup_run
+
+
+@dataclass
+class Options:
+    reward_model: str | None = None
+    """A reward model trained with `objective: reward` (its run folder or `final/`); same tokenizer."""
+    reward_functions: list[str] = field(default_factory=list)
+    """Python reward functions, `package.module:function` or `path/file.py:function` (see tunelab/rl/rewards.py)."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (default 1 each); the reward model's weight is 1."""
+    max_new_tokens: int = 64
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature tau; the log-probs are those of the tempered policy."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest token set holding this much probability."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass: the rollouts are split into this many mini-batches."""
+    clip_range: float = 0.2
+    """eps of the clipped policy ratio 1 +- eps."""
+    value_clip_range: float = 0.2
+    """eps_v: how far a value prediction may move from its rollout-time value before clipping."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """lambda of GAE (1 = Monte-Carlo returns, 0 = one-step TD)."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty to the reference policy in the rewards."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator of the penalty (tunelab/losses/kl.py)."""
+    whiten_scores: bool = True
+    """Normalise each batch's scores to mean 0, std 1 before the KL penalty is added: a reward
+    model's scale is arbitrary and the value head starts at 0 (logged `reward` stays unnormalised)."""
+    whiten_advantages: bool = True
+    """Normalise the advantages of each batch to mean 0, variance 1."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of a response cut at max_new_tokens without EOS."""
+
+    def __post_init__(self):
+        check_reward_spec(self.reward_functions, self.reward_weights, self.reward_model)
+        for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("gamma and lam must be in [0, 1]")
+        if self.clip_range <= 0 or self.value_clip_range <= 0 or self.kl_coef < 0 or self.vf_coef < 0:
+            raise ValueError("clip_range and value_clip_range must be > 0; kl_coef and vf_coef >= 0")
+
+
+def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """`indices` in `parts` nearly equal, non-empty chunks."""
+    return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
+
+
+def run(config: RunConfig) -> dict:
+    """Train a policy with PPO; returns the summary written to `summary.json`."""
+    cfg, options = config, config.objective.options
+    run_ = setup_run(cfg)
+    if run_.dist.world_size > 1:
+        raise TunelabError("ppo runs on one process (one device); launch it without torchrun")
+    tokenizer, model = run_.tokenizer, run_.model
+    data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
+    run_.print(
+        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval prompts, "
+        f"template {data.template}"
+    )
+    for note in data.notes:
+        run_.print(f"[tunelab] data: {note}")
+    rewards = Rewards(
+        options.reward_functions,
+        options.reward_weights,
+        options.reward_model,
+        tokenizer,
+        data.template,
+        run_.device,
+        cfg.model.dtype,
+    )
+    disable_dropout(model)
+    reference = Reference(model, run_.method, run_.dist.frozen_copy)
+    value_head = attach_head(model, VALUE_HEAD, zero_init=True)
+    run_.print(f"[tunelab] rewards: {', '.join(rewards.names)}; reference policy: {reference.kind}")
+    micro = max(1, cfg.train.grad_accum)
+
+    def make_batches(position: int):
+        lengths = [len(p.prompt_ids) for p in data.train]
+        for indices in batch_stream(lengths, cfg.train.batch_size, cfg.train.seed, position):
+            yield [data.train[i] for i in indices]
+
+    def rollout_for(prompts, greedy=False) -> Rollout:
+        return generate_rollouts(
+            model,
+            tokenizer,
+            [p.prompt_ids for p in prompts],
+            options.max_new_tokens,
+            options.temperature,
+            options.top_p,
+            greedy,
+        )
+
+    def score(prompts, rollout: Rollout):
+        return rewards.score(
+            [p.prompt for p in prompts],
+            rollout.completions,
+            rollout.completion_ids,
+            prompt_columns([p.extra for p in prompts]),
+            rollout.input_ids,
+            rollout.attention_mask,
+        )
+
+    def policy_forward(rows: dict, prompt_length: int, with_entropy: bool = False):
+        """Response-aligned (logprobs, entropy, values), each (n, R), of some rollout rows."""
+        hidden = final_hidden(model, rows["input_ids"], rows["attention_mask"])  # (n, P+R, H)
+        logprobs, entropy = logprobs_from_hidden(
+            model, hidden, rows["input_ids"], rows["target_mask"], options.temperature, with_entropy
+        )
+        values = token_values(value_head, hidden)  # (n, P+R)
+        p = prompt_length
+        return logprobs[:, p:], entropy[:, p:] if with_entropy else None, values[:, p - 1 : -1]
+
+    def step_fn(step: int, prompts: list, optimizer) -> dict:
+        # 1-2. Rollouts and their scores.
+        rollout = rollout_for(prompts)
+        p, n = rollout.prompt_length, len(prompts)
+        mask = rollout.response_mask.to(run_.device)  # (N, R)
+        scores, parts = score(prompts, rollout)
+        scores = scores.to(run_.device)
+        ended = rollout.ended.to(run_.device)
+        if options.missing_eos_penalty:
+            scores = scores - options.missing_eos_penalty * (~ended).float()
+        raw_scores = scores
+        if options.whiten_scores and n > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)  # (N,), the value head's scale
+
+        # 3-4. Log-probs, values and reference log-probs at rollout time; rewards, advantages.
+        old_logprobs, old_values, entropy, ref_logprobs = [], [], [], []
+        with torch.no_grad(), run_.autocast():
+            for chunk in split(torch.arange(n), micro):
+                rows = rollout.rows(chunk)
+                logprobs, chunk_entropy, values = policy_forward(rows, p, with_entropy=True)
+                old_logprobs.append(logprobs.float())
+                entropy.append(chunk_entropy)
+                old_values.append(values.float())
+                ref = reference_logprobs(reference, **rows, temperature=options.temperature)
+                ref_logprobs.append(ref[:, p:])
+        old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask  # (N, R)
+        entropy, ref_logprobs = torch.cat(entropy), torch.cat(ref_logprobs)
+        kl = per_token_kl(old_logprobs, ref_logprobs, options.kl_estimator) * mask  # (N, R)
+        rewards_t = token_rewards(scores, kl, mask, options.kl_coef)  # (N, R)
+        advantages, returns = gae(rewards_t, old_values, mask, options.gamma, options.lam)
+        if options.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+
+        # 5. PPO epochs over mini-batches, each mini-batch in micro-batches.
+        totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0}
+        totals |= {"value_clip_frac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(options.ppo_epochs):
+            for batch in split(torch.randperm(n), options.num_mini_batches):
+                tokens = mask[batch].sum().clamp(min=1.0)
+                for chunk in split(batch, micro):
+                    m = mask[chunk]
+                    with run_.autocast():
+                        logprobs, _, values = policy_forward(rollout.rows(chunk), p)
+                    pg, pg_clipped = clipped_policy_loss(
+                        logprobs.float(), old_logprobs[chunk], advantages[chunk], options.clip_range
+                    )
+                    vf, vf_clipped = clipped_value_loss(
+                        values.float(), old_values[chunk], returns[chunk], options.value_clip_range
+                    )
+                    loss = ((pg + options.vf_coef * vf) * m).sum() / tokens
+                    loss.backward()
+                    kl_step = approx_policy_kl(logprobs.detach().float(), old_logprobs[chunk])
+                    for key, value in (
+                        ("loss", pg + options.vf_coef * vf),
+                        ("policy_loss", pg),
+                        ("value_loss", vf),
+                        ("clip_frac", pg_clipped),
+                        ("value_clip_frac", vf_clipped),
+                        ("approx_kl", kl_step),
+                    ):
+                        totals[key] += float((value.detach() * m).sum() / tokens)
+                totals["grad_norm"] += apply_gradients(run_, optimizer)
+                updates += 1
+        row = {key: value / updates for key, value in totals.items()}
+        row.update(
+            {
+                "reward": float(raw_scores.mean()),
+                "kl": float(kl.sum(dim=1).mean()),
+                "entropy": float(masked_mean(entropy, mask)),
+                "response_length": float(mask.sum(dim=1).mean()),
+                "eos_fraction": float(ended.float().mean()),
+                **{f"reward/{name}": float(values.mean()) for name, values in parts.items()},
+            }
+        )
+        return row
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Mean score of greedy responses to the held-out prompts (up to `eval.num_examples`)."""
+        prompts = data.eval[: cfg.eval.num_examples]
+        totals, count = {}, 0
+        for start in range(0, len(prompts), cfg.eval.batch_size):
+            batch = prompts[start : start + cfg.eval.batch_size]
+            rollout = rollout_for(batch, greedy=True)
+            scores, parts = score(batch, rollout)
+            for name, values in {
+                "eval_reward": scores,
+                **{f"eval_reward/{k}": v for k, v in parts.items()},
+            }.items():
+                totals[name] = totals.get(name, 0.0) + float(values.sum())
+            totals["eval_response_length"] = totals.get("eval_response_length", 0.0) + float(
+                rollout.response_mask.sum()
+            )
+            count += len(batch)
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    before = evaluate() if data.eval else {}
+    steps = cfg.train.max_steps or max(1, -(-int(cfg.train.epochs * len(data.train)) // cfg.train.batch_size))
+    result = online_loop(run_, make_batches, step_fn, steps, evaluate if data.eval else None)
+
+    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
+    summary = {
+        "steps": result.steps,
+        "final_train_loss": result.final_loss,
+        "reward_first_step": first.get("reward"),
+        "reward_last_step": last.get("reward"),
+        "kl_last_step": last.get("kl"),
+    }
+    if data.eval:
+        summary.update({f"{k}_before": v for k, v in before.items()})
+        summary.update(evaluate())
+    detach_head(model, VALUE_HEAD)
+    reference.copy = None
+    final = save_final(run_)
+    summary["final_dir"] = str(final)
+    if run_.is_main:
+        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_.print(
+            "[tunelab] "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
+    return summary

@@ -1,0 +1,136 @@
+"""Reward model: a scalar head on a causal LM, trained on preference pairs (Bradley-Terry).
+
+Ouyang et al. 2022 ("Training language models to follow instructions with human feedback"):
+for a prompt x with a chosen response c and a rejected one r,
+
+    r_theta(x, y) = w^T h_last(x, y) + b          (h_last: final hidden state of the last token)
+    L = - (1 / P) sum_pairs log sigma(r_theta(x, c) - r_theta(x, r) - m)   [+ c (r_c + r_r)^2]
+
+over the P pairs of an optimizer step, with an optional per-pair margin m (a `margin` field in the
+data) and centring coefficient c. The head trains in full whatever the method (with LoRA, the
+adapter and the head train). Held-out pairwise accuracy (how often r_c > r_r) is the measure.
+
+The recipe: load pairs -> set up model and method -> attach the head -> evaluate -> train ->
+evaluate -> save `final/` (the method's artifact + `reward_head.safetensors` + `reward_model.json`,
+see tunelab/rl/reward_model.py), which PPO (`objective.reward_model`) and `tunelab score` load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.collate import batch_stream
+from tunelab.data.preference import PairExample, pad_pairs, prepare_preferences
+from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
+from tunelab.rl.reward_model import REWARD_HEAD, attach_head, detach_head, save_reward_head, sequence_rewards
+from tunelab.training.loop import optimize, total_steps
+from tunelab.training.setup import save_final, setup_run
+
+
+@dataclass
+class Options:
+    center_coefficient: float | None = None
+    """Add c * (r_chosen + r_rejected)^2 per pair to keep rewards centred on 0 (TRL's
+    `center_rewards_coefficient`; 0.01 is typical). Unset: no centring."""
+
+    def __post_init__(self):
+        if self.center_coefficient is not None and self.center_coefficient < 0:
+            raise ValueError(f"center_coefficient must be >= 0, not {self.center_coefficient}")
+
+
+def run(config: RunConfig) -> dict:
+    """Train a reward model; returns the summary written to `summary.json`."""
+    cfg, options = config, config.objective.options
+    run_ = setup_run(cfg)
+    tokenizer, model = run_.tokenizer, run_.model
+    data = prepare_preferences(cfg.data, tokenizer, seed=cfg.train.seed)
+    run_.print(
+        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval pairs, "
+        f"template {data.template}"
+    )
+    for note in data.notes:
+        run_.print(f"[tunelab] data: {note}")
+    head = attach_head(model, REWARD_HEAD)
+    pad_id = tokenizer.pad_token_id
+    center = options.center_coefficient or 0.0
+
+    def to_device(batch):
+        return {k: v.to(run_.device) for k, v in batch.items()}
+
+    def make_batches(position: int):
+        lengths = [p.length for p in data.train]
+        for indices in batch_stream(
+            lengths, cfg.train.batch_size, cfg.train.seed, position, cfg.data.group_by_length
+        ):
+            yield to_device(pad_pairs([data.train[i] for i in indices], pad_id))
+
+    def rewards(batch):
+        """(r_chosen (B,), r_rejected (B,)) of a batch of pairs."""
+        return sequence_rewards(model, head, batch["input_ids"], batch["attention_mask"]).chunk(2)
+
+    def loss_fn(batch):
+        chosen, rejected = rewards(batch)
+        losses = bradley_terry_loss(chosen, rejected, batch["margin"], center)  # (B,)
+        extras = {
+            "accuracy": pairwise_accuracy(chosen, rejected).sum(),
+            "margin": (chosen - rejected).detach().sum(),
+            "reward_chosen": chosen.detach().sum(),
+            "reward_rejected": rejected.detach().sum(),
+        }
+        return losses.sum(), extras
+
+    def units(batch):
+        return len(batch["margin"])
+
+    def real_tokens(batch):
+        return int(batch["attention_mask"].sum())
+
+    @torch.no_grad()
+    def evaluate(pairs: list[PairExample] | None = None) -> dict:
+        """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin."""
+        pairs = pairs if pairs is not None else data.eval
+        was_training = model.training
+        model.eval()
+        loss = accuracy = margin = 0.0
+        size, limit = cfg.train.batch_size, cfg.train.eval_batches
+        starts = list(range(0, len(pairs), size))[:limit]
+        count = 0
+        for start in starts:
+            batch = to_device(pad_pairs(pairs[start : start + size], pad_id))
+            with run_.autocast():
+                chosen, rejected = rewards(batch)
+            chosen, rejected = chosen.float(), rejected.float()
+            loss += float(bradley_terry_loss(chosen, rejected, batch["margin"], center).sum())
+            accuracy += float(pairwise_accuracy(chosen, rejected).sum())
+            margin += float((chosen - rejected).sum())
+            count += len(chosen)
+        model.train(was_training)
+        count = max(count, 1)
+        return {"eval_loss": loss / count, "eval_accuracy": accuracy / count, "eval_margin": margin / count}
+
+    before = evaluate() if data.eval else {}
+    if before:
+        run_.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
+    steps = total_steps(run_, -(-len(data.train) // cfg.train.batch_size))
+    result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
+
+    summary = {"steps": result.steps, "final_train_loss": result.final_loss}
+    if data.eval:
+        summary.update({f"{k}_before": v for k, v in before.items()})
+        summary.update(evaluate())
+    detach_head(model, REWARD_HEAD)
+    final = save_final(run_)
+    if run_.is_main:
+        save_reward_head(final, head, data.template, cfg.method.name, cfg.model.name_or_path)
+    summary["final_dir"] = str(final)
+    if run_.is_main:
+        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_.print(
+            "[tunelab] "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
+    return summary

@@ -1,0 +1,1 @@
+"""Reinforcement learning from feedback: rollouts, rewards, advantages, reward models, the online loop."""

@@ -1,0 +1,138 @@
+"""Rollouts: sample responses to a batch of prompts, and lay them out for scoring and training.
+
+Prompts are left-padded and sampled with `model.generate` (temperature tau, nucleus top-p, at most
+`max_new_tokens`, stopping at EOS; no top-k and no repetition penalty, whatever the model's
+generation config says, so the samples come from the tempered policy that PPO/GRPO score).
+Each row of a rollout is
+
+    [pad ... pad | prompt (P columns, left-padded) | response (R columns, right-padded)]
+
+The response mask covers the tokens up to and including the first EOS; a response that ends without
+EOS was cut at `max_new_tokens` (`ended` is false). Everything after the first EOS is padding. The
+log-prob of response token j sits at column P + j of a `logprobs_from_hidden` result, and its value
+(the state before emitting it) at column P + j - 1 of the hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.data.collate import left_pad
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor
+    """(N, P + R): left-padded prompt, then the right-padded response."""
+    attention_mask: torch.Tensor
+    """(N, P + R)."""
+    prompt_length: int
+    """P, the prompt columns."""
+    response_mask: torch.Tensor
+    """(N, R) float: 1 on response tokens up to and including the first EOS."""
+    ended: torch.Tensor
+    """(N,) bool: the response ends with EOS (else it was cut at max_new_tokens)."""
+    completions: list[str]
+    """Decoded responses, special tokens removed."""
+    completion_ids: list[list[int]]
+    """Response token ids (the EOS included when generated)."""
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(N, P + R): the response tokens, for `logprobs_from_hidden`."""
+        prompt = torch.zeros_like(self.input_ids[:, : self.prompt_length], dtype=self.response_mask.dtype)
+        return torch.cat([prompt, self.response_mask], dim=1)
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and target_mask of the rows in `index`."""
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "target_mask": self.target_mask[index],
+        }
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids |= set(configured if isinstance(configured, list) else [configured])
+    return sorted(ids)
+
+
+def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (N, R) float, ended (N,) bool): tokens up to and including the first EOS of each row."""
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))  # (N, R)
+    ended = is_eos.any(dim=1)  # (N,)
+    first = torch.where(
+        ended, is_eos.float().argmax(dim=1), torch.full_like(ended, tokens.shape[1] - 1, dtype=torch.long)
+    )
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return (positions[None, :] <= first[:, None]).float(), ended
+
+
+@torch.no_grad()
+def generate_rollouts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int | None = None,
+) -> Rollout:
+    """Sample (or, with `greedy`, decode greedily) one response per prompt; see the module docstring."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id, eos_ids = tokenizer.pad_token_id, eos_token_ids(model, tokenizer)
+    padded = {k: v.to(device) for k, v in left_pad(prompts, pad_id).items()}  # (N, P)
+    width = padded["input_ids"].shape[1]
+    sampling = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    )
+    pieces = []
+    step = batch_size or len(prompts)
+    for start in range(0, len(prompts), step):
+        out = model.generate(
+            input_ids=padded["input_ids"][start : start + step],
+            attention_mask=padded["attention_mask"][start : start + step],
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            repetition_penalty=1.0,
+            use_cache=True,
+            **sampling,
+        )
+        pieces.append(out[:, width:])
+    model.train(was_training)
+    length = max(p.shape[1] for p in pieces)
+    tokens = torch.cat(
+        [torch.nn.functional.pad(p, (0, length - p.shape[1]), value=pad_id) for p in pieces]
+    )  # (N, R)
+    mask, ended = response_mask(tokens, eos_ids)
+    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
+    completion_ids = [row[: int(n)].tolist() for row, n in zip(tokens, mask.sum(dim=1), strict=True)]
+    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(
+        input_ids=torch.cat([padded["input_ids"], tokens], dim=1),
+        attention_mask=torch.cat([padded["attention_mask"], mask.long()], dim=1),
+        prompt_length=width,
+        response_mask=mask,
+        ended=ended,
+        completions=completions,
+        completion_ids=completion_ids,
+    )
+
+
+def prompt_columns(extras: list[dict]) -> dict[str, list]:
+    """The prompt records' other fields as lists, for reward functions (a missing field gives None)."""
+    keys = sorted({key for extra in extras for key in extra})
+    return {key: [extra.get(key) for extra in extras] for key in keys}
