@@ -32,7 +32,7 @@ def examples(vocab: int, lengths=(9, 23, 4, 15), seed: int = 0) -> list[Tokenize
     out = []
     for n in lengths:
         ids = torch.randint(10, vocab, (n,), generator=g).tolist()
-        out.append(TokenizedExample(ids, [IGNORE_INDEX] * 3 + ids[3:]))
+        out.append(TokenizedExample(ids, [IGNORE_INDEX] * min(3, n) + ids[3:]))
     return out
 
 

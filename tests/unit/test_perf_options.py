@@ -112,13 +112,13 @@ def test_bf16_base_lora_gradients_match_fp32(tiny_model_dirs, packed):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16 = model_lm_loss_sum(bf16, batch)
     loss16.backward()
-    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    assert float(loss16.detach()) == pytest.approx(float(loss32.detach()), rel=1e-2)
     grads32, grads16 = trainable_parameters(fp32), trainable_parameters(bf16)
     worst = 0.0
     for name, p in grads32.items():
         a, b = p.grad.flatten(), grads16[name].grad.flatten()
         if float(a.norm()) == 0.0:
             continue
-        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999, name
         worst = max(worst, float((a - b).norm() / a.norm()))
-    assert worst < 0.08
+    assert worst < 0.05  # measured: 1.2%
