@@ -81,9 +81,10 @@ def methods_table(configs: list[str], overrides: list[str]) -> None:
 
 
 def prefix_memory(lengths: list[int], steps: int) -> None:
-    from tunelab.tiny import build_tiny_model_dir
-    from tunelab.demo import DEMO_MODEL, ensure_demo_model
     from transformers import AutoTokenizer
+
+    from tunelab.demo import DEMO_MODEL, ensure_demo_model
+    from tunelab.tiny import build_tiny_model_dir
 
     out = ROOT / "runs" / "bench-prefix-memory"
     ensure_demo_model()

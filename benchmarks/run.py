@@ -43,6 +43,8 @@ class Spec:
             return 6, 2
         if "qwen05b" in self.args:
             return 40, 5
+        if "--packing" in self.args:  # TRL packs 8 rows of 512 tokens: ~3x the tokens of a padded step
+            return 10, 2
         return 30, 3
 
 

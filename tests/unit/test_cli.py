@@ -79,4 +79,6 @@ def test_eval_and_generate_on_a_trained_run(tiny_model_dirs, instruction_data, t
     assert answer.returncode == 0, answer.stderr
     chat = run_cli("generate", str(run_dir), "--max-new-tokens", "3", stdin="hello\nagain\n\n")
     assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("\n") == 2  # one reply line per user line (a barely trained model may say nothing)
+    assert (
+        chat.stdout.count("\n") == 2
+    )  # one reply line per user line (a barely trained model may say nothing)
