@@ -165,7 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 30 (smollm: 6, qwen05b: 40)")
     parser.add_argument("--warmup", type=int, default=None, help="default: 3 (smollm: 2, qwen05b: 5)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
-    parser.add_argument("--only", default=None, help="run only the runs whose name contains this")
+    parser.add_argument("--only", default=None, help="comma-separated: run only the runs whose name contains one")
+    parser.add_argument("--exact", action="store_true", help="--only names must match exactly")
     parser.add_argument("--json", default=None, help="write all results to this file")
     args = parser.parse_args()
 
@@ -175,7 +176,8 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     specs = suites()[args.suite]
     if args.only:
-        specs = [s for s in specs if args.only in s.name]
+        wanted = [w.strip() for w in args.only.split(",")]
+        specs = [s for s in specs if any(w == s.name or (not args.exact and w in s.name) for w in wanted)]
     device = "cuda" if any("cuda" in s.args for s in specs) else "cpu"
     stats = length_stats(build(args.cache, "small"))
     load = os.getloadavg()

@@ -6,6 +6,7 @@ Every objective starts with `setup_run(config)`; what it returns is everything a
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,12 @@ def seed_everything(seed: int) -> None:
 def prepare_model(config: RunConfig, device: torch.device | None = None):
     """Load model + tokenizer and apply the method: (model, tokenizer, method module)."""
     device = device or resolve_device(config.model.device)
+    if device.type == "cpu":
+        # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
+        # padded batches every step brings new shapes, so its cache only grows (measured: 580 MB after 60
+        # steps of BENCHMARKS.md's workload). 64 keeps every reuse within a step. Read once, at the first
+        # matmul of the process; a value set by the user wins.
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     model = load_model(
         config.model.name_or_path,
