@@ -165,7 +165,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 30 (smollm: 6, qwen05b: 40)")
     parser.add_argument("--warmup", type=int, default=None, help="default: 3 (smollm: 2, qwen05b: 5)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run")
-    parser.add_argument("--only", default=None, help="comma-separated: run only the runs whose name contains one")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated: run only the runs whose name contains one"
+    )
     parser.add_argument("--exact", action="store_true", help="--only names must match exactly")
     parser.add_argument("--json", default=None, help="write all results to this file")
     args = parser.parse_args()
