@@ -12,8 +12,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="offline demo: evaluate, fine-tune and re-evaluate a small model on bundled data",
-        description="Builds (once) a small Llama-architecture model with random weights and a locally trained "
-        "tokenizer under .cache/demo-model, evaluates it on the held-out split of data/demo, fine-tunes it with "
+        description="Evaluates the shipped demo base model (models/demo-base; rebuilt by "
+        "scripts/make_demo_model.py if missing) on the held-out split of data/demo, fine-tunes it with "
         "the config, evaluates again and prints a before/after table. Nothing is downloaded.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
