@@ -27,10 +27,13 @@ def model_lm_loss_sum(
 ) -> torch.Tensor:
     """Summed next-token loss of a padded or packed batch (`tunelab.data.packing`). `chunked`:
     logits only at target positions, in chunks (`chunked_lm_loss_sum`); else the full (B, T, V) logits."""
+    attention = model.config._attn_implementation
     if not chunked:
-        logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
+        logits = model(**model_inputs(batch, attention), use_cache=False).logits  # (B, T, V)
         return lm_loss_sum(logits, batch["labels"])
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    out = model(
+        **model_inputs(batch, attention), output_hidden_states=True, logits_to_keep=1, use_cache=False
+    )
     hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return chunked_lm_loss_sum(hidden, model.get_output_embeddings(), batch["labels"], chunk_size, softcap)

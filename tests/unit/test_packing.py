@@ -59,7 +59,8 @@ def test_pack_batch_fields():
     assert is_packed(batch) and not is_packed(pad_batch(exs, 0))
     assert real_tokens(batch) == real_tokens(pad_batch(exs, 0)) == 10
     moved = to_device(batch, torch.device("cpu"))
-    assert moved["max_length_q"] == 5 and set(model_inputs(moved)) == {
+    assert set(model_inputs(moved)) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"}
+    assert moved["max_length_q"] == 5 and set(model_inputs(moved, "flash_attention_2")) == {
         "input_ids",
         "position_ids",
         "cu_seq_lens_q",

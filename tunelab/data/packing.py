@@ -23,7 +23,9 @@ The attention: `cu_seq_lens_*` are the keywords of FlashAttention's varlen kerne
 switches the model to `tunelab_packed`, registered here: SDPA run per example (a loop over
 B slices, each with `is_causal=True`), so attention costs sum_i T_i^2 rather than the N^2 of one
 block-diagonal mask (what transformers builds for SDPA from restarting `position_ids` alone).
-Without `cu_seq_lens_q` (ordinary padded batches, generation) it is plain SDPA.
+Without `cu_seq_lens_q` (ordinary padded batches, generation) it is plain SDPA. On CPU the
+per-example SDPA runs in float32 (PyTorch's CPU flash kernel is faster so than in bfloat16) and
+outside `torch.compile` (the split by lengths is data-dependent).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
 
 PACKED_ATTENTION = "tunelab_packed"
-NATIVE_VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4", PACKED_ATTENTION)
+FLASH_VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+NATIVE_VARLEN = (*FLASH_VARLEN, PACKED_ATTENTION)
 PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -66,10 +69,14 @@ def is_packed(batch: dict) -> bool:
     return "cu_seq_lens_q" in batch
 
 
-def model_inputs(batch: dict) -> dict:
-    """The keyword arguments a model's forward takes from a padded or a packed batch."""
+def model_inputs(batch: dict, attn_implementation: str | None = None) -> dict:
+    """The keyword arguments a model's forward takes from a padded or a packed batch.
+
+    The integer `max_length_*` go only to FlashAttention, which needs them: elsewhere they would
+    make `torch.compile` specialise (and recompile) on every new value."""
     if is_packed(batch):
-        return {"input_ids": batch["input_ids"], **{k: batch[k] for k in PACKED_KEYS}}
+        keys = PACKED_KEYS if attn_implementation in FLASH_VARLEN else PACKED_KEYS[:3]
+        return {"input_ids": batch["input_ids"], **{k: batch[k] for k in keys}}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
@@ -102,11 +109,17 @@ def packed_sdpa_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
-        raise TunelabError("packed attention expects one packed row and no key/value cache")
+        raise TunelabError(
+            "packed attention takes one packed row and no key/value cache (prefix tuning's prefix is one); "
+            "turn data.packing off for this method"
+        )
+    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window and max(sizes) > window:
+        raise TunelabError(f"packed attention has no sliding window; an example is longer than {window}")
     dtype, device = query.dtype, query.device.type
     if device == "cpu":  # PyTorch's CPU flash kernel runs faster in float32 than in bfloat16 (+9% a step)
         query, key, value = query.float(), key.float(), value.float()
-    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
     with torch.autocast(device, enabled=torch.is_autocast_enabled(device) and device != "cpu"):
         outputs = [
             torch.nn.functional.scaled_dot_product_attention(
@@ -120,8 +133,23 @@ def packed_sdpa_forward(
     return attn_output.transpose(1, 2).contiguous(), None  # (1, N, H, D)
 
 
+def packed_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's mask, except none at all without padding, cache, offsets or sliding window: packed
+    attention needs no (N, N) mask (transformers would build the block-diagonal one from the
+    restarting positions), and an unpadded batch is plain causal attention (`is_causal`)."""
+    plain = (
+        not args
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("local_size") is None
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+        and not kwargs.get("q_offset")
+        and not kwargs.get("kv_offset")
+    )
+    return None if plain else sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_sdpa_mask)
 
 
 def use_packed_attention(model: PreTrainedModel) -> str:
