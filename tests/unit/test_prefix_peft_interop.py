@@ -1,13 +1,21 @@
 """Prefix tuning against PEFT 0.21.2: our saved prefix loads into PEFT and PEFT's into tunelab,
 giving the same logits. PEFT's forward counts real tokens from m (the cached prefix length), as we
 do, so plain calls (no position ids) agree. PEFT works on all six tiny architectures with
-transformers 5.23, so every one is checked.
+transformers 5.23 and 5.24, so every one is checked.
+
+Generation: PEFT 0.21.2's prefix `generate` breaks under transformers 5.24 (which renamed the
+forward's `past_key_values` to `cache`): its greedy tokens then differ from the ones its own
+forward passes choose, and from its 5.23 tokens, which are ours (ours stay the same under both
+versions: tests/unit/test_method_suite_prefix.py checks generate against plain forwards). The
+comparison is an expected failure for that pair of versions.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from tunelab.methods import adapter_method_of, prefix
 from tunelab.models import load_model
@@ -16,6 +24,9 @@ from tunelab.tiny import ARCHITECTURES
 peft = pytest.importorskip("peft")
 
 M = 4
+PEFT_GENERATE_BROKEN = Version(transformers.__version__) >= Version("5.24") and Version(
+    peft.__version__
+) <= Version("0.21.2")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,6 +101,11 @@ def test_we_load_pefts_reparameterised_prefix(llama_dir, tmp_path):
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.xfail(
+    PEFT_GENERATE_BROKEN,
+    reason="PEFT <= 0.21.2 prefix generate disagrees with its own forward under transformers >= 5.24",
+    strict=True,
+)
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generation_matches_peft(arch, tiny_model_dirs, tmp_path):
     """Greedy decoding of left-padded prompts: PEFT offsets generate's position ids by m as we do,

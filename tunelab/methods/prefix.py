@@ -317,6 +317,7 @@ def _wrap_forward(class_forward):
     to the copy; `functools.wraps` keeps the signature that `generate` inspects.
     """
     signature = inspect.signature(class_forward)
+    cache_name = kv.cache_argument(signature)
 
     @functools.wraps(class_forward)
     def forward(model, *args, **kwargs):
@@ -329,12 +330,15 @@ def _wrap_forward(class_forward):
                 inputs.update(value)
             else:
                 inputs[name] = value
-        return _prefixed_forward(model, class_forward, inputs)
+        if cache_name != kv.LEGACY_CACHE_ARGUMENT and kv.LEGACY_CACHE_ARGUMENT in inputs:
+            legacy = inputs.pop(kv.LEGACY_CACHE_ARGUMENT)  # the old name, still accepted by transformers
+            inputs[cache_name] = legacy if inputs.get(cache_name) is None else inputs[cache_name]
+        return _prefixed_forward(model, class_forward, inputs, cache_name)
 
     return forward
 
 
-def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict) -> object:
+def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict, cache_name: str) -> object:
     """Run `class_forward` with the prefix in the cache, the mask extended and positions shifted.
 
     - No cache given: a training step (train mode, gradients on) or `use_cache=False` gets a
@@ -353,27 +357,27 @@ def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict) -> ob
     batch_size, length = tokens.shape[:2]
     training_step = model.training and torch.is_grad_enabled()
 
-    cache = inputs.get("past_key_values")
+    cache = inputs.get(cache_name)
     if cache is None:
         use_cache = inputs.get("use_cache")
         grow = bool(model.config.use_cache if use_cache is None else use_cache) and not training_step
         cache = kv.new_prefix_cache(encoder.layer_key_values(batch_size, model.dtype, tokens.device), grow)
-        inputs["past_key_values"] = cache
+        inputs[cache_name] = cache
         inputs["use_cache"] = grow  # attention layers read a given cache either way
     else:
         if kv.is_prefix_only(cache):
             raise TunelabError(
-                "past_key_values comes from a training forward and does not hold its tokens; "
+                "the given cache comes from a training forward and does not hold its tokens; "
                 "for a reusable cache run the forward in eval mode or under torch.no_grad()"
             )
         if training_step and kv.checkpointing_active(model):
             raise TunelabError(
-                "prefix tuning cannot extend a given past_key_values in training with gradient checkpointing"
+                "prefix tuning cannot extend a given cache in training with gradient checkpointing"
             )
         if kv.prefix_tokens_in(cache) is None:
             if not kv.is_cache(cache) or kv.cache_length(cache) != 0:
                 raise TunelabError(
-                    "past_key_values holds positions but not this model's prefix; pass an empty cache or none"
+                    "the given cache holds positions but not this model's prefix; pass an empty cache or none"
                 )
             kv.fill_cache(cache, encoder.layer_key_values(batch_size, model.dtype, tokens.device))
     past = kv.cache_length(cache)  # prefix + earlier real tokens
@@ -413,11 +417,8 @@ def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict) -> ob
     if missed:
         raise TunelabError(
             f"the prefix did not reach layers {missed} of {type(model).__name__}: this transformers version "
-            "dropped past_key_values on the way (see tunelab/methods/prefix_cache.py)"
+            "dropped the cache on the way (see tunelab/methods/prefix_cache.py)"
         )
     if kv.is_prefix_only(cache):  # it lacks this forward's keys: nobody may continue from it
-        if isinstance(outputs, tuple):
-            outputs = tuple(None if item is cache else item for item in outputs)
-        elif getattr(outputs, "past_key_values", None) is cache:
-            outputs["past_key_values"] = None
+        outputs = kv.drop_output_cache(outputs, cache)
     return outputs

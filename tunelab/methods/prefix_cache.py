@@ -8,7 +8,10 @@ checks it on every architecture the tests build.
 
 What we rely on (transformers 5.x):
 
-1. every attention layer calls `past_key_values.update(k, v, layer_idx)` and attends over the
+0. the cache argument of a model's forward, and the output field holding it, is `cache` from
+   transformers 5.24 on and `past_key_values` before (`cache_argument` reads which from the
+   forward's signature; a caller's `past_key_values` is moved to `cache` where needed);
+1. every attention layer calls `cache.update(k, v, layer_idx)` and attends over the
    keys/values it returns (so a cache that returns `[prefix ; new]` injects the prefix);
 2. the causal mask takes its query offset from `get_seq_length()` and its key length from
    `get_mask_sizes(q_len, layer_idx)`, so the prefix sits at cache indices 0..m-1 and every query
@@ -20,7 +23,7 @@ What we rely on (transformers 5.x):
    object, or the one the forward returned, to every later forward. It numbers positions from
    the 2-D attention mask (cumsum - 1, from 0) and drops an all-ones mask; `cache_position` is
    gone from 5.x model code (generate only makes it for remote-code models);
-5. under gradient checkpointing, `GradientCheckpointingLayer` drops `past_key_values` from its
+5. under gradient checkpointing, `GradientCheckpointingLayer` drops the cache from its
    keyword arguments unless the layer's `_can_checkpoint_with_cache` is true, and GPT-2's model
    passes `None` to its blocks while its own `gradient_checkpointing` flag is set.
 
@@ -33,6 +36,7 @@ filled with the prefix serves generation and any forward whose cache is kept.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
 
 from tunelab.errors import TunelabError
 
@@ -72,6 +77,36 @@ class PrefixOnlyCache(DynamicCache):
         keys = torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2)  # (B, H, m + T, d)
         values = torch.cat([layer.values.to(value_states.dtype), value_states], dim=-2)  # (B, H, m + T, d)
         return keys, values
+
+
+LEGACY_CACHE_ARGUMENT = "past_key_values"
+
+
+def cache_argument(forward_signature: inspect.Signature) -> str:
+    """The name of the cache argument of a model forward with this signature: `cache`
+    (transformers >= 5.24) or `past_key_values` (earlier)."""
+    return "cache" if "cache" in forward_signature.parameters else LEGACY_CACHE_ARGUMENT
+
+
+def output_cache(outputs: object) -> object:
+    """The cache a model forward returned (None when it returned none), under either name."""
+    if isinstance(outputs, ModelOutput):
+        for name in ("cache", LEGACY_CACHE_ARGUMENT):
+            if name in outputs.__dataclass_fields__:
+                return outputs.get(name)
+        return None
+    return getattr(outputs, "cache", None) or getattr(outputs, LEGACY_CACHE_ARGUMENT, None)
+
+
+def drop_output_cache(outputs: object, cache: object) -> object:
+    """`outputs` with `cache` replaced by None wherever it appears (a tuple or a `ModelOutput`)."""
+    if isinstance(outputs, tuple):
+        return tuple(None if item is cache else item for item in outputs)
+    if isinstance(outputs, ModelOutput):
+        for name in ("cache", LEGACY_CACHE_ARGUMENT):
+            if name in outputs.__dataclass_fields__ and outputs.get(name) is cache:
+                outputs[name] = None
+    return outputs
 
 
 def is_prefix_only(cache: object) -> bool:
@@ -111,7 +146,7 @@ def fill_cache(cache: Cache, prefix: Sequence[LayerKV]) -> None:
     """Write `prefix` into the empty `cache` (the one `generate` creates) and mark it."""
     if not is_cache(cache):
         raise TunelabError(
-            f"prefix tuning needs past_key_values to be a transformers Cache, got {type(cache).__name__}"
+            f"prefix tuning needs the cache to be a transformers Cache, got {type(cache).__name__}"
         )
     if cache.is_compileable:
         raise TunelabError(
@@ -155,7 +190,7 @@ def model_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[LayerKV]
         outputs = model(input_ids=input_ids, use_cache=True)
     finally:
         model.train(was_training)
-    cache = getattr(outputs, "past_key_values", None)
+    cache = output_cache(outputs)
     if not is_cache(cache):
         raise TunelabError(
             f"{type(model).__name__} returned no KV cache for use_cache=True; prefix tuning needs one"
@@ -172,7 +207,7 @@ def checkpointing_active(model: nn.Module) -> bool:
 
 @contextmanager
 def cache_kept_under_checkpointing(model: nn.Module) -> Iterator[None]:
-    """While active, checkpointed decoder layers keep receiving `past_key_values` (see point 5).
+    """While active, checkpointed decoder layers keep receiving the cache (see point 5).
 
     Only valid with a `PrefixOnlyCache`, whose `update` may be called again on recomputation.
     Layers get `_can_checkpoint_with_cache = True`; a model-level `gradient_checkpointing` flag
