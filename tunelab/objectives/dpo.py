@@ -67,12 +67,15 @@ def run(config: RunConfig) -> dict:
     def to_device(batch):
         return {k: v.to(run_.device) for k, v in batch.items()}
 
+    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
+    global_batch = cfg.train.batch_size * run_.dist.world_size
+
     def make_batches(position: int):
         lengths = [p.length for p in data.train]
         for indices in batch_stream(
-            lengths, cfg.train.batch_size, cfg.train.seed, position, cfg.data.group_by_length
+            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
         ):
-            yield to_device(pad_pairs([data.train[i] for i in indices], pad_id))
+            yield to_device(pad_pairs([data.train[i] for i in run_.dist.shard(indices)], pad_id))
 
     def pair_losses(batch):
         """Per-pair DPO losses and implicit rewards of a batch (chosen rows first, then rejected)."""
@@ -118,7 +121,7 @@ def run(config: RunConfig) -> dict:
         return {"eval_loss": loss / count, "eval_margin": margin / count, "eval_accuracy": accuracy / count}
 
     before = evaluate() if data.eval else {}
-    steps = total_steps(run_, -(-len(data.train) // cfg.train.batch_size))
+    steps = total_steps(run_, -(-len(data.train) // global_batch))
     result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
 
     summary = {"steps": result.steps, "final_train_loss": result.final_loss}

@@ -21,6 +21,11 @@ Shao et al. 2024 ("DeepSeekMath"), as refined by DAPO (Yu et al. 2025) and Dr. G
 
 Logged per step: reward (and per reward function), reward_std, kl (mean k3 per token, when
 beta > 0), entropy, clip_frac, completion_length, eos_fraction. `final/` holds the policy.
+
+Under torchrun each of W ranks takes `train.batch_size` prompts (with their whole groups) of a
+global batch of W times as many; completions are sampled with keys (tunelab/rl/rollouts.py), and
+the loss units (sequences or tokens) and every logged figure are taken over the global batch, so
+W ranks x b prompts take the step of one process x W * b (up to floating-point order).
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import prepare_prompts
-from tunelab.errors import TunelabError
 from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
 from tunelab.losses.kl import kl_k3
 from tunelab.reference import (
@@ -47,7 +51,7 @@ from tunelab.reference import (
 from tunelab.rl.advantages import group_advantages
 from tunelab.rl.loop import apply_gradients, online_loop
 from tunelab.rl.rewards import Rewards, check_reward_spec
-from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns
+from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.setup import save_final, setup_run
 
 
@@ -105,8 +109,6 @@ def run(config: RunConfig) -> dict:
     """Train a policy with GRPO; returns the summary written to `summary.json`."""
     cfg, options = config, config.objective.options
     run_ = setup_run(cfg)
-    if run_.dist.world_size > 1:
-        raise TunelabError("grpo runs on one process (one device); launch it without torchrun")
     tokenizer, model = run_.tokenizer, run_.model
     data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
     run_.print(
@@ -132,13 +134,17 @@ def run(config: RunConfig) -> dict:
     )
     group, micro = options.num_generations, max(1, cfg.train.grad_accum)
     reuse = options.num_iterations > 1 or options.num_mini_batches > 1  # pi_old differs from pi
+    world = run_.dist.world_size
+    global_batch = cfg.train.batch_size * world
 
     def make_batches(position: int):
+        """Per step: (this rank's positions in the global batch, its prompts)."""
         lengths = [len(p.prompt_ids) for p in data.train]
-        for indices in batch_stream(lengths, cfg.train.batch_size, cfg.train.seed, position):
-            yield [data.train[i] for i in indices]
+        for indices in batch_stream(lengths, global_batch, cfg.train.seed, position):
+            positions = run_.dist.even_shard(len(indices))
+            yield positions, [data.train[indices[i]] for i in positions]
 
-    def rollout_for(prompts, greedy=False) -> Rollout:
+    def rollout_for(prompts, greedy=False, keys=None) -> Rollout:
         return generate_rollouts(
             model,
             tokenizer,
@@ -147,6 +153,7 @@ def run(config: RunConfig) -> dict:
             options.temperature,
             options.top_p,
             greedy,
+            keys=keys,
         )
 
     def score(prompts, rollout: Rollout):
@@ -167,10 +174,30 @@ def run(config: RunConfig) -> dict:
         )
         return logprobs[:, prompt_length:], entropy[:, prompt_length:] if with_entropy else None
 
-    def step_fn(step: int, prompts: list, optimizer) -> dict:
-        # 1-3. A group of completions per prompt, their scores and group advantages.
-        prompts = [p for p in prompts for _ in range(group)]
-        rollout = rollout_for(prompts)
+    def chunk_loss(rows: dict, p: int, chunk, units, old_logprobs, ref_logprobs, advantages, mask):
+        """The GRPO loss of some rows (their aggregated sum / the mini-batch's `units`), with
+        per-token sums of the logged parts (clip fraction, entropy, k3)."""
+        logprobs, entropy = policy_logprobs(rows, p, with_entropy=True)
+        logprobs = logprobs.float()
+        old = old_logprobs[chunk] if reuse else logprobs.detach()
+        ref = ref_logprobs[chunk] if ref_logprobs is not None else None
+        per_token, clipped = grpo_per_token_loss(
+            logprobs, old, advantages[chunk], options.epsilon, options.epsilon_high, ref, options.beta
+        )
+        m = mask[chunk]
+        loss_sum, _ = aggregate_loss(per_token, m, options.loss_aggregation, options.max_new_tokens)
+        parts = {"clip_frac": float((clipped * m).sum()), "entropy": float((entropy * m).sum())}
+        if ref is not None:
+            parts["kl"] = float((kl_k3(logprobs.detach(), ref) * m).sum())
+        return loss_sum / units, parts
+
+    def step_fn(step: int, batch: tuple[list[int], list], optimizer) -> dict:
+        positions, prompts = batch
+        # 1-3. A group of completions per prompt (keyed: the same whatever the rank), their scores
+        # and group advantages (a group never spans ranks).
+        prompts = [prompt for prompt in prompts for _ in range(group)]
+        keys = sampling_keys(cfg.train.seed, step, [i * group + g for i in positions for g in range(group)])
+        rollout = rollout_for(prompts, keys=keys)
         p, n = rollout.prompt_length, len(prompts)
         mask = rollout.response_mask.to(run_.device)  # (N, R)
         scores, parts = score(prompts, rollout)
@@ -193,55 +220,53 @@ def run(config: RunConfig) -> dict:
                     ]
                 )
 
-        # 4. mu passes over mini-batches, each mini-batch in micro-batches.
-        totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        updates = 0
+        # 4. mu passes over mini-batches, each mini-batch in micro-batches; under torchrun every
+        # rank's mini-batch j is a part of global mini-batch j (units over all of it).
+        totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
+        grad_norm, updates = 0.0, 0
         for _ in range(options.num_iterations):
-            for batch in split(torch.randperm(n), options.num_mini_batches):
-                # the mini-batch's units (sequences, tokens or sequences x L), for every micro-batch
-                _, units = aggregate_loss(
-                    mask[batch], mask[batch], options.loss_aggregation, options.max_new_tokens
+            for batch_rows in split(torch.randperm(n), options.num_mini_batches):
+                # the global mini-batch's units (sequences, tokens or sequences x L), and its tokens
+                _, local_units = aggregate_loss(
+                    mask[batch_rows], mask[batch_rows], options.loss_aggregation, options.max_new_tokens
                 )
-                tokens = float(mask[batch].sum().clamp(min=1.0))
-                for chunk in split(batch, micro):
-                    m = mask[chunk]
-                    with run_.autocast():
-                        logprobs, entropy = policy_logprobs(rollout.rows(chunk), p, with_entropy=True)
-                    logprobs = logprobs.float()
-                    old = old_logprobs[chunk] if reuse else logprobs.detach()
-                    ref = ref_logprobs[chunk] if ref_logprobs is not None else None
-                    per_token, clipped = grpo_per_token_loss(
-                        logprobs,
-                        old,
-                        advantages[chunk],
-                        options.epsilon,
-                        options.epsilon_high,
-                        ref,
-                        options.beta,
-                    )
-                    loss_sum, _ = aggregate_loss(
-                        per_token, m, options.loss_aggregation, options.max_new_tokens
-                    )
-                    (loss_sum / units).backward()
-                    totals["loss"] += float(loss_sum.detach()) / units
-                    totals["clip_frac"] += float((clipped * m).sum()) / tokens
-                    totals["entropy"] += float((entropy * m).sum()) / tokens
-                    if ref is not None:
-                        totals["kl"] += float((kl_k3(logprobs.detach(), ref) * m).sum()) / tokens
-                totals["grad_norm"] += apply_gradients(run_, optimizer)
+                units, tokens = run_.dist.sum(local_units, float(mask[batch_rows].sum()))
+                tokens = max(tokens, 1.0)
+                chunks = split(batch_rows, micro)
+                for index, chunk in enumerate(chunks):
+                    with run_.dist.grad_sync(index == len(chunks) - 1):
+                        with run_.autocast():
+                            loss, chunk_parts = run_.dist.forward(
+                                chunk_loss, rollout.rows(chunk), p, chunk, units, old_logprobs, ref_logprobs,
+                                advantages, mask,
+                            )  # fmt: skip
+                        (loss * world).backward()  # ranks average gradients: x W gives their sum
+                    totals["loss"] += float(loss.detach())
+                    for key, value in chunk_parts.items():
+                        totals[key] += value / tokens
+                grad_norm += apply_gradients(run_, optimizer)
                 updates += 1
-        row = {key: value / updates for key, value in totals.items() if key != "kl" or reference is not None}
+        sums = dict(zip(totals, run_.dist.sum(*totals.values()), strict=True))
+        row = {key: value / updates for key, value in sums.items() if key != "kl" or reference is not None}
+        row["grad_norm"] = grad_norm / updates
+
+        # Figures of the global batch: sums over ranks / completions or groups.
         grouped = scores.view(-1, group)
-        row.update(
-            {
-                "reward": float(scores.mean()),
-                "reward_std": float(grouped.std(dim=1).mean()),
-                "zero_std_fraction": float((grouped.std(dim=1) == 0).float().mean()),
-                "completion_length": float(mask.sum(dim=1).mean()),
-                "eos_fraction": float(rollout.ended.float().mean()),
-                **{f"reward/{name}": float(values.mean()) for name, values in parts.items()},
-            }
+        local = {
+            "reward": scores.sum(),
+            "completion_length": mask.sum(),
+            "eos_fraction": rollout.ended.float().sum(),
+            **{f"reward/{name}": values.sum() for name, values in parts.items()},
+        }
+        per_group = {
+            "reward_std": grouped.std(dim=1).sum(),
+            "zero_std_fraction": (grouped.std(dim=1) == 0).float().sum(),
+        }
+        count, groups, *values = run_.dist.sum(
+            n, n // group, *(float(v) for v in (*local.values(), *per_group.values()))
         )
+        row.update({key: value / count for key, value in zip(local, values[: len(local)], strict=True)})
+        row.update({key: value / groups for key, value in zip(per_group, values[len(local) :], strict=True)})
         return row
 
     @torch.no_grad()

@@ -22,6 +22,11 @@ with the details of Huang et al. 2024 ("The N+ Implementation Details of RLHF wi
 Logged per step: reward, kl (per response, summed over tokens), entropy, clip_frac, value_loss,
 response_length, eos_fraction. `train.batch_size` prompts per step; `train.max_steps` steps (or
 `train.epochs` passes over the prompts). The value head is not saved: `final/` holds the policy.
+
+Under torchrun each of W ranks takes `train.batch_size` prompts of a global batch of W times as
+many; rollouts are sampled with keys (tunelab/rl/rollouts.py), and the score and advantage
+whitening, the token means of the losses and every logged figure are taken over the global batch,
+so W ranks x b prompts take the step of one process x W * b (up to floating-point order).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import prepare_prompts
-from tunelab.errors import TunelabError
 from tunelab.losses.kl import per_token_kl
 from tunelab.losses.ppo import approx_policy_kl, clipped_policy_loss, clipped_value_loss
 from tunelab.reference import (
@@ -45,11 +49,11 @@ from tunelab.reference import (
     logprobs_from_hidden,
     reference_logprobs,
 )
-from tunelab.rl.advantages import gae, masked_mean, masked_whiten, token_rewards
+from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
 from tunelab.rl.loop import apply_gradients, online_loop
 from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
 from tunelab.rl.rewards import Rewards, check_reward_spec
-from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns
+from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.setup import save_final, setup_run
 
 
@@ -115,8 +119,6 @@ def run(config: RunConfig) -> dict:
     """Train a policy with PPO; returns the summary written to `summary.json`."""
     cfg, options = config, config.objective.options
     run_ = setup_run(cfg)
-    if run_.dist.world_size > 1:
-        raise TunelabError("ppo runs on one process (one device); launch it without torchrun")
     tokenizer, model = run_.tokenizer, run_.model
     data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
     run_.print(
@@ -139,13 +141,17 @@ def run(config: RunConfig) -> dict:
     value_head = attach_head(model, VALUE_HEAD, zero_init=True)
     run_.print(f"[tunelab] rewards: {', '.join(rewards.names)}; reference policy: {reference.kind}")
     micro = max(1, cfg.train.grad_accum)
+    world, total = run_.dist.world_size, run_.dist.all_sum  # total: a tensor summed over ranks
+    global_batch = cfg.train.batch_size * world
 
     def make_batches(position: int):
+        """Per step: (this rank's positions in the global batch, its prompts)."""
         lengths = [len(p.prompt_ids) for p in data.train]
-        for indices in batch_stream(lengths, cfg.train.batch_size, cfg.train.seed, position):
-            yield [data.train[i] for i in indices]
+        for indices in batch_stream(lengths, global_batch, cfg.train.seed, position):
+            positions = run_.dist.even_shard(len(indices))
+            yield positions, [data.train[indices[i]] for i in positions]
 
-    def rollout_for(prompts, greedy=False) -> Rollout:
+    def rollout_for(prompts, greedy=False, keys=None) -> Rollout:
         return generate_rollouts(
             model,
             tokenizer,
@@ -154,6 +160,7 @@ def run(config: RunConfig) -> dict:
             options.temperature,
             options.top_p,
             greedy,
+            keys=keys,
         )
 
     def score(prompts, rollout: Rollout):
@@ -176,9 +183,31 @@ def run(config: RunConfig) -> dict:
         p = prompt_length
         return logprobs[:, p:], entropy[:, p:] if with_entropy else None, values[:, p - 1 : -1]
 
-    def step_fn(step: int, prompts: list, optimizer) -> dict:
-        # 1-2. Rollouts and their scores.
-        rollout = rollout_for(prompts)
+    def chunk_loss(rows: dict, p: int, chunk, tokens, old_logprobs, old_values, advantages, returns, mask):
+        """PPO's loss of some rows (summed over their tokens / the mini-batch's `tokens`) and its parts."""
+        logprobs, _, values = policy_forward(rows, p)
+        pg, pg_clipped = clipped_policy_loss(
+            logprobs.float(), old_logprobs[chunk], advantages[chunk], options.clip_range
+        )
+        vf, vf_clipped = clipped_value_loss(
+            values.float(), old_values[chunk], returns[chunk], options.value_clip_range
+        )
+        m = mask[chunk]
+        loss = ((pg + options.vf_coef * vf) * m).sum() / tokens
+        parts = {
+            "loss": pg + options.vf_coef * vf,
+            "policy_loss": pg,
+            "value_loss": vf,
+            "clip_frac": pg_clipped,
+            "value_clip_frac": vf_clipped,
+            "approx_kl": approx_policy_kl(logprobs.detach().float(), old_logprobs[chunk]),
+        }
+        return loss, {key: float((value.detach() * m).sum() / tokens) for key, value in parts.items()}
+
+    def step_fn(step: int, batch: tuple[list[int], list], optimizer) -> dict:
+        positions, prompts = batch
+        # 1-2. Rollouts (keyed: the same whatever the rank) and their scores.
+        rollout = rollout_for(prompts, keys=sampling_keys(cfg.train.seed, step, positions))
         p, n = rollout.prompt_length, len(prompts)
         mask = rollout.response_mask.to(run_.device)  # (N, R)
         scores, parts = score(prompts, rollout)
@@ -187,8 +216,11 @@ def run(config: RunConfig) -> dict:
         if options.missing_eos_penalty:
             scores = scores - options.missing_eos_penalty * (~ended).float()
         raw_scores = scores
-        if options.whiten_scores and n > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)  # (N,), the value head's scale
+        every = torch.ones_like(scores)
+        if options.whiten_scores and float(total(every.sum())) > 1:
+            mean = masked_mean(scores, every, all_sum=total)  # over the global batch
+            std = masked_var(scores, every, all_sum=total).sqrt()
+            scores = (scores - mean) / (std + 1e-8)  # (N,), the value head's scale
 
         # 3-4. Log-probs, values and reference log-probs at rollout time; rewards, advantages.
         old_logprobs, old_values, entropy, ref_logprobs = [], [], [], []
@@ -207,50 +239,45 @@ def run(config: RunConfig) -> dict:
         rewards_t = token_rewards(scores, kl, mask, options.kl_coef)  # (N, R)
         advantages, returns = gae(rewards_t, old_values, mask, options.gamma, options.lam)
         if options.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, all_sum=total)
 
-        # 5. PPO epochs over mini-batches, each mini-batch in micro-batches.
-        totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0}
-        totals |= {"value_clip_frac": 0.0, "approx_kl": 0.0, "grad_norm": 0.0}
-        updates = 0
-        for _ in range(options.ppo_epochs):
-            for batch in split(torch.randperm(n), options.num_mini_batches):
-                tokens = mask[batch].sum().clamp(min=1.0)
-                for chunk in split(batch, micro):
-                    m = mask[chunk]
-                    with run_.autocast():
-                        logprobs, _, values = policy_forward(rollout.rows(chunk), p)
-                    pg, pg_clipped = clipped_policy_loss(
-                        logprobs.float(), old_logprobs[chunk], advantages[chunk], options.clip_range
-                    )
-                    vf, vf_clipped = clipped_value_loss(
-                        values.float(), old_values[chunk], returns[chunk], options.value_clip_range
-                    )
-                    loss = ((pg + options.vf_coef * vf) * m).sum() / tokens
-                    loss.backward()
-                    kl_step = approx_policy_kl(logprobs.detach().float(), old_logprobs[chunk])
-                    for key, value in (
-                        ("loss", pg + options.vf_coef * vf),
-                        ("policy_loss", pg),
-                        ("value_loss", vf),
-                        ("clip_frac", pg_clipped),
-                        ("value_clip_frac", vf_clipped),
-                        ("approx_kl", kl_step),
-                    ):
-                        totals[key] += float((value.detach() * m).sum() / tokens)
-                totals["grad_norm"] += apply_gradients(run_, optimizer)
-                updates += 1
-        row = {key: value / updates for key, value in totals.items()}
-        row.update(
-            {
-                "reward": float(raw_scores.mean()),
-                "kl": float(kl.sum(dim=1).mean()),
-                "entropy": float(masked_mean(entropy, mask)),
-                "response_length": float(mask.sum(dim=1).mean()),
-                "eos_fraction": float(ended.float().mean()),
-                **{f"reward/{name}": float(values.mean()) for name, values in parts.items()},
-            }
+        # 5. PPO epochs over mini-batches, each mini-batch in micro-batches; under torchrun every
+        # rank's mini-batch j is a part of global mini-batch j (token mean over all of it).
+        totals = dict.fromkeys(
+            ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl"), 0.0
         )
+        grad_norm, updates = 0.0, 0
+        tensors = (old_logprobs, old_values, advantages, returns, mask)
+        for _ in range(options.ppo_epochs):
+            for batch_rows in split(torch.randperm(n), options.num_mini_batches):
+                tokens = total(mask[batch_rows].sum()).clamp(min=1.0)
+                chunks = split(batch_rows, micro)
+                for index, chunk in enumerate(chunks):
+                    with run_.dist.grad_sync(index == len(chunks) - 1):
+                        with run_.autocast():
+                            loss, chunk_parts = run_.dist.forward(
+                                chunk_loss, rollout.rows(chunk), p, chunk, tokens, *tensors
+                            )
+                        (loss * world).backward()  # ranks average gradients: x W gives their sum
+                    for key, value in chunk_parts.items():
+                        totals[key] += value
+                grad_norm += apply_gradients(run_, optimizer)
+                updates += 1
+        sums = dict(zip(totals, run_.dist.sum(*totals.values()), strict=True))
+        row = {key: value / updates for key, value in sums.items()}
+        row["grad_norm"] = grad_norm / updates
+
+        # Figures of the global batch: sums over ranks / rollouts.
+        local = {
+            "reward": raw_scores.sum(),
+            "kl": kl.sum(),
+            "response_length": mask.sum(),
+            "eos_fraction": ended.float().sum(),
+            **{f"reward/{name}": values.sum() for name, values in parts.items()},
+        }
+        count, *values = run_.dist.sum(n, *(float(v) for v in local.values()))
+        row.update({key: value / count for key, value in zip(local, values, strict=True)})
+        row["entropy"] = float(masked_mean(entropy, mask, all_sum=total))
         return row
 
     @torch.no_grad()

@@ -55,18 +55,25 @@ def run(config: RunConfig) -> dict:
     for note in data.notes:
         run_.print(f"[tunelab] data: {note}")
     head = attach_head(model, REWARD_HEAD)
-    pad_id = tokenizer.pad_token_id
     center = options.center_coefficient or 0.0
+    if not center:  # b cancels in r_c - r_r: its gradient is exactly 0, Adam would move it on rounding noise
+        head.bias.requires_grad_(False)
+    # The score comes from the hidden states: the LM head (and a LoRA on it) gets no gradient.
+    run_.dist.find_unused_parameters = True
+    pad_id = tokenizer.pad_token_id
 
     def to_device(batch):
         return {k: v.to(run_.device) for k, v in batch.items()}
 
+    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
+    global_batch = cfg.train.batch_size * run_.dist.world_size
+
     def make_batches(position: int):
         lengths = [p.length for p in data.train]
         for indices in batch_stream(
-            lengths, cfg.train.batch_size, cfg.train.seed, position, cfg.data.group_by_length
+            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
         ):
-            yield to_device(pad_pairs([data.train[i] for i in indices], pad_id))
+            yield to_device(pad_pairs([data.train[i] for i in run_.dist.shard(indices)], pad_id))
 
     def rewards(batch):
         """(r_chosen (B,), r_rejected (B,)) of a batch of pairs."""
@@ -115,17 +122,20 @@ def run(config: RunConfig) -> dict:
     before = evaluate() if data.eval else {}
     if before:
         run_.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
-    steps = total_steps(run_, -(-len(data.train) // cfg.train.batch_size))
+    steps = total_steps(run_, -(-len(data.train) // global_batch))
     result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
 
     summary = {"steps": result.steps, "final_train_loss": result.final_loss}
     if data.eval:
         summary.update({f"{k}_before": v for k, v in before.items()})
         summary.update(evaluate())
+    head_state = run_.dist.full_state_dict(head)  # every rank (FSDP gathers); the tensors on rank 0
     detach_head(model, REWARD_HEAD)
     final = save_final(run_)
     if run_.is_main:
-        save_reward_head(final, head, data.template, cfg.method.name, cfg.model.name_or_path)
+        saved = torch.nn.Linear(head.in_features, 1)
+        saved.load_state_dict(head_state)
+        save_reward_head(final, saved, data.template, cfg.method.name, cfg.model.name_or_path)
     summary["final_dir"] = str(final)
     if run_.is_main:
         (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -25,33 +25,54 @@ or without the division (`scale=False`, Dr. GRPO, Liu et al. 2025).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+Sum = Callable[[torch.Tensor], torch.Tensor]
+"""A tensor summed over the ranks of a distributed run (`Parallel.all_sum`); one process: identity."""
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is set, over all elements or along `dim`. values, mask: (B, T)."""
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, all_sum: Sum = _local
+) -> torch.Tensor:
+    """Mean of `values` where `mask` is set, over all elements (of every rank, through `all_sum`)
+    or along `dim` (this rank's rows). values, mask: (B, T)."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+        sums = all_sum(torch.stack([(values * mask).sum(), mask.sum()]))
+        return sums[0] / sums[1].clamp(min=1.0)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `values` where `mask` is set (Bessel-corrected unless `unbiased=False`); a scalar."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    count = mask.sum()
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, all_sum: Sum = _local
+) -> torch.Tensor:
+    """Variance of `values` where `mask` is set (Bessel-corrected unless `unbiased=False`); a scalar,
+    over every rank's elements through `all_sum`."""
+    mean = masked_mean(values, mask, all_sum=all_sum)
+    variance = masked_mean((values - mean) ** 2, mask, all_sum=all_sum)
+    count = all_sum(mask.to(values.dtype).sum())
     if unbiased and count > 1:
         variance = variance * count / (count - 1)
     return variance
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_sum: Sum = _local,
 ) -> torch.Tensor:
-    """(values - mean) / sqrt(var + eps) with masked statistics; the mean is added back unless
-    `shift_mean`. Positions outside the mask are set to 0. (B, T) -> (B, T)."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    """(values - mean) / sqrt(var + eps) with masked statistics (over every rank's elements through
+    `all_sum`); the mean is added back unless `shift_mean`. Positions outside the mask are set to 0.
+    (B, T) -> (B, T)."""
+    mean, variance = masked_mean(values, mask, all_sum=all_sum), masked_var(values, mask, all_sum=all_sum)
     whitened = (values - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -6,6 +6,12 @@ learning rate of the step (tunelab/training/optim.py, scheduled over the rollout
 (`metrics.jsonl`, one row per logged step with `step` and `loss`), periodic evaluation,
 checkpoints (trainable weights, optimizer, RNG and the data position = steps done, so a resumed
 run samples the same prompts and the same rollouts) and the interrupt message.
+
+Under torchrun the model becomes data-parallel here (`Parallel.wrap`, DDP or FSDP2) before the
+optimizer is built; each objective shards its prompt batches over the ranks (`Parallel.even_shard`),
+samples with keys that make a rollout independent of the rank that draws it
+(tunelab/rl/rollouts.py), takes global statistics with `Parallel.all_sum`, and runs every backward
+pass through `Parallel.forward` (see tunelab/training/distributed.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunelab.training.distributed import full_tensor
 from tunelab.training.loop import LoopResult
 from tunelab.training.metrics import MetricsLog, plot_loss
 from tunelab.training.optim import build_optimizer, lr_at, set_lr
@@ -27,12 +34,13 @@ StepFn = Callable[[int, list, torch.optim.Optimizer], dict]
 
 
 def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> float:
-    """Clip the global gradient norm (`train.max_grad_norm`), step, zero; returns the norm before clipping."""
+    """Clip the global gradient norm (`train.max_grad_norm`), step, zero; returns the norm before
+    clipping (over every rank's shard under FSDP)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, run.config.train.max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return float(full_tensor(norm))
 
 
 def online_loop(
@@ -45,10 +53,12 @@ def online_loop(
     """Run `steps` rollout steps; `make_batches(position)` yields prompt batches from that position."""
     cfg = run.config.train
     model = run.model
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
     optimizer = build_optimizer(model, cfg)
     start_step = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(run.output_dir)
+        run.dist.check_same(str(checkpoint), "the latest checkpoint")
         if checkpoint is None:
             run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
         else:
@@ -82,8 +92,17 @@ def online_loop(
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row.get('reward', 0.0):.3f}")
             history.append(row)
             bar.update(1)
-            if cfg.save_every and step % cfg.save_every == 0 and step != steps and run.is_main:
-                save_checkpoint(run.output_dir, step, model, optimizer, step, run.config_yaml, cfg.keep_last)
+            if cfg.save_every and step % cfg.save_every == 0 and step != steps:
+                save_checkpoint(
+                    run.output_dir,
+                    step,
+                    model,
+                    optimizer,
+                    step,
+                    run.config_yaml,
+                    cfg.keep_last,
+                    is_main=run.is_main,
+                )
     except KeyboardInterrupt:
         bar.close()
         last = latest_checkpoint(run.output_dir)

@@ -11,6 +11,19 @@ The response mask covers the tokens up to and including the first EOS; a respons
 EOS was cut at `max_new_tokens` (`ended` is false). Everything after the first EOS is padding. The
 log-prob of response token j sits at column P + j of a `logprobs_from_hidden` result, and its value
 (the state before emitting it) at column P + j - 1 of the hidden states.
+
+Keyed sampling. Given a key k_i per row (the objectives use (seed, step, the row's place in the
+global batch)), token j of row i is drawn with the Gumbel-max trick (Gumbel 1954; Maddison et al.
+2014, "A* Sampling"):
+
+    y_ij = argmax_v  z_ijv / tau + g_ijv,   g_ijv = -log(-log u(k_i, j, v))   (-inf outside top-p)
+
+u a uniform number made by an integer hash of (k_i, j, v). argmax of logits plus independent
+Gumbel(0, 1) noise is an exact sample of softmax(z / tau), so the distribution is the sampler's;
+what changes is that a row's response is a function of its key and of its prompt alone, not of
+the other rows of the batch, their padding, the RNG's state or the number of processes. So a run
+on W ranks x b prompts samples the responses of one process x W * b prompts, and a resumed run the
+responses of the run that never stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.data.collate import left_pad
 
@@ -55,6 +68,68 @@ class Rollout:
         }
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 tensors x < 2^32, without int64 overflow (16-bit halves of c)."""
+    low = x * (c & 0xFFFF)  # < 2^48
+    high = ((x * (c >> 16)) & 0xFFFF) << 16  # x * (c >> 16) < 2^48
+    return (low + high) & MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (xor-shift / multiply rounds, Wellons' "lowbias32"
+    constants), element-wise on int64 tensors holding 32-bit values."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def sampling_keys(seed: int, step: int, positions: list[int]) -> torch.Tensor:
+    """One 32-bit key per row from (seed, step, the row's position in the global batch): (N,) int64."""
+    base = hash32(torch.tensor([seed & MASK32]))
+    base = hash32(base ^ hash32(torch.tensor([step & MASK32])))
+    return hash32(base ^ hash32(torch.tensor(positions, dtype=torch.long)))
+
+
+class KeyedSampling(LogitsProcessor):
+    """Gumbel-max sampling keyed per row (module docstring), for `generate(do_sample=False)`: the
+    returned scores are z / tau (top-p filtered) + Gumbel noise, whose argmax is the sample."""
+
+    def __init__(self, keys: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.keys = keys  # (N,) int64
+        self.prompt_width = prompt_width
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature  # (N, V)
+        if self.top_p < 1.0:
+            logits = top_p_filter(logits, self.top_p)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)  # (V,)
+        token = input_ids.shape[1] - self.prompt_width  # index of the token being drawn
+        keys = self.keys.to(logits.device)
+        row = hash32(keys ^ hash32(torch.full_like(keys, token)))  # (N,)
+        bits = hash32(row[:, None] ^ hash32(vocab)[None, :])  # (N, V), uniform 32-bit
+        uniform = ((bits >> 8).float() + 0.5) / 2**24  # (N, V) in (0, 1)
+        return logits - torch.log(-torch.log(uniform))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """-inf outside the smallest set of tokens holding `top_p` of the probability (nucleus, Holtzman
+    et al. 2020); the most likely token always stays. (N, V) -> (N, V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)  # (N, V), descending
+    drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reaches p
+    drop[:, 0] = False
+    dropped = torch.zeros_like(drop).scatter(1, order, drop)  # back to vocabulary order
+    return logits.masked_fill(dropped, float("-inf"))
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -85,8 +160,10 @@ def generate_rollouts(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int | None = None,
+    keys: torch.Tensor | None = None,
 ) -> Rollout:
-    """Sample (or, with `greedy`, decode greedily) one response per prompt; see the module docstring."""
+    """Sample (or, with `greedy`, decode greedily) one response per prompt; see the module docstring.
+    `keys` (N,): keyed sampling, reproducible whatever the batch; None: `generate`'s own sampler."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -95,12 +172,15 @@ def generate_rollouts(
     width = padded["input_ids"].shape[1]
     sampling = (
         {"do_sample": False}
-        if greedy
+        if greedy or keys is not None
         else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     )
     pieces = []
     step = batch_size or len(prompts)
     for start in range(0, len(prompts), step):
+        if keys is not None and not greedy:
+            keyed = KeyedSampling(keys[start : start + step], width, temperature, top_p)
+            sampling["logits_processor"] = LogitsProcessorList([keyed])
         out = model.generate(
             input_ids=padded["input_ids"][start : start + step],
             attention_mask=padded["attention_mask"][start : start + step],

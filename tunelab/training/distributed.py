@@ -110,6 +110,9 @@ class Parallel:
     """`wrap` ran: the model is now DDP-wrapped or FSDP-sharded."""
     ddp: nn.Module | None = None
     """The `DistributedDataParallel` wrapper (strategy `ddp`, once `wrap` ran)."""
+    find_unused_parameters: bool = False
+    """DDP: expect trainable parameters that get no gradient in a step (a reward model's LM head;
+    DDP then finds them after each forward, at some cost). Set by the objective before `wrap`."""
 
     @property
     def is_main(self) -> bool:
@@ -133,7 +136,9 @@ class Parallel:
         if self.strategy == "ddp":
             cuda = self.device is not None and self.device.type == "cuda"
             self.ddp = nn.parallel.DistributedDataParallel(
-                _LossCall(model), device_ids=[self.device.index] if cuda else None
+                _LossCall(model),
+                device_ids=[self.device.index] if cuda else None,
+                find_unused_parameters=self.find_unused_parameters,
             )
         else:
             shard_model(model, self.device or torch.device("cpu"), self.world_size, self.precision)
@@ -171,6 +176,24 @@ class Parallel:
         if self.world_size == 1:
             return indices
         return indices[self.rank :: self.world_size] or [indices[self.rank % len(indices)]]
+
+    def even_shard(self, size: int) -> list[int]:
+        """This rank's positions in a global batch of `size` rows, the same count on every rank:
+        `rank, rank + W, ...`, completed by wrapping around (as `DistributedSampler` pads) when W
+        does not divide `size`. The online objectives need equal counts: each rank then runs the
+        same number of (collective) forward and backward passes."""
+        if self.world_size == 1:
+            return list(range(size))
+        per_rank = -(-size // self.world_size)
+        return [(self.rank + j * self.world_size) % size for j in range(per_rank)]
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks (a new tensor; one process: the tensor itself)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
 
     def sum(self, *values: float) -> list[float]:
         """Sum each number over ranks (one all-reduce, float64); one process: the numbers unchanged."""

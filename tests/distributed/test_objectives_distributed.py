@@ -1,0 +1,174 @@
+"""Every objective beyond sft under torchrun: 2 CPU processes (gloo) x batch b against 1 process x
+batch 2b, for reward, dpo, ppo and grpo, under DDP and FSDP2, with full fine-tuning and LoRA.
+
+The online objectives sample with keys (tunelab/rl/rollouts.py), so the 2 ranks draw the
+responses the single process draws, and their whitening, loss units and metrics are global: the
+logged figures agree up to floating-point order. With `num_mini_batches` > 1 each rank splits its
+own rows into the mini-batches (a global mini-batch is the union of the ranks' parts), a different
+split from the single process's: that run is compared on its first rollouts only. One torchrun
+launch trains every distributed run (tests/distributed/worker.py); the single-process references
+run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tests.distributed.launch import launch, metric, write_config
+from tests.recipes.test_dpo import dpo_config
+from tests.recipes.test_grpo import grpo_config
+from tests.recipes.test_ppo import ppo_config
+from tests.recipes.test_reward import reward_config
+from tunelab.methods import load_trained
+from tunelab.training.metrics import read_metrics
+
+LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+STEPS = ["train.max_steps=4", "train.save_every=2", "train.log_every=1"]
+# name -> (config builder, method, per-rank batch, objective options, strategy, metrics compared)
+RUNS = {
+    "reward_ddp_full": (reward_config, None, 4, {}, "ddp", ("loss", "accuracy", "grad_norm")),
+    "reward_fsdp_lora": (reward_config, LORA, 4, {}, "fsdp", ("loss", "accuracy", "grad_norm")),
+    "dpo_ddp_lora": (dpo_config, LORA, 4, {}, "ddp", ("loss", "reward_margin", "grad_norm")),
+    "dpo_fsdp_full": (dpo_config, None, 4, {}, "fsdp", ("loss", "reward_margin", "grad_norm")),
+    "ppo_ddp_full": (
+        ppo_config,
+        None,
+        4,
+        {"ppo_epochs": 2},
+        "ddp",
+        ("loss", "reward", "kl", "value_loss", "response_length", "entropy", "grad_norm"),
+    ),
+    "ppo_fsdp_lora": (
+        ppo_config,
+        LORA,
+        4,
+        {"ppo_epochs": 1, "num_mini_batches": 2},
+        "fsdp",
+        ("reward", "kl", "response_length"),
+    ),
+    "grpo_ddp_lora": (
+        grpo_config,
+        LORA,
+        2,
+        {"num_generations": 4},
+        "ddp",
+        ("loss", "reward", "reward_std", "kl", "completion_length", "grad_norm"),
+    ),
+    "grpo_fsdp_full": (
+        grpo_config,
+        None,
+        2,
+        {"num_generations": 4, "num_iterations": 2, "loss_aggregation": "sequence"},
+        "fsdp",
+        ("loss", "reward", "reward_std", "kl", "clip_frac", "completion_length", "grad_norm"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def objective_runs(tiny_model_dirs, tmp_path_factory):
+    """Output folders of every single-process reference and 2-rank run (one launch)."""
+    root = tmp_path_factory.mktemp("distributed-objectives")
+    model_dir = tiny_model_dirs["llama"]
+    plan = []
+    for name, (build, method, batch, options, strategy, _) in RUNS.items():
+        common = [*STEPS, "train.lr=3e-3"]
+        tunelab.train(
+            build(
+                model_dir,
+                root / f"single_{name}",
+                *common,
+                f"train.batch_size={2 * batch}",
+                method=method,
+                **options,
+            )
+        )
+        two = [*common, f"train.batch_size={batch}", f"train.strategy={strategy}"]
+        config = build(model_dir, root / name, *two, method=method, **options)
+        plan.append({"config": write_config(config, root / f"{name}.yaml")})
+        if name == "ppo_ddp_full":  # resumed from its step-2 checkpoint
+            resumed = build(
+                model_dir, root / f"{name}_resumed", *two, "train.resume=true", method=method, **options
+            )
+            plan.append(
+                {
+                    "config": write_config(resumed, root / f"{name}_resumed.yaml"),
+                    "resume_from": [str(root / name), 2],
+                }
+            )
+    launch(plan, root)
+    return root
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_equal_one_process_with_double_batch(objective_runs, tiny_model_dirs, name):
+    """Same logged losses and figures step by step, and the same trained weights in `final/`."""
+    single, multi = objective_runs / f"single_{name}", objective_runs / name
+    assert [r["step"] for r in read_metrics(multi)] == [1, 2, 3, 4]
+    first_only = RUNS[name][3].get("num_mini_batches", 1) > 1  # different splits from step 1 on
+    for key in RUNS[name][-1]:
+        expected, got = metric(single, key), metric(multi, key)
+        if first_only:
+            expected, got = expected[:1], got[:1]
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+    if first_only:
+        return
+    files = sorted(p.name for p in (single / "final").iterdir())
+    assert sorted(p.name for p in (multi / "final").iterdir()) == files
+    weights = next(f for f in files if f.endswith("model.safetensors"))
+    assert_same_updates(multi / "final" / weights, single / "final" / weights, tiny_model_dirs["llama"])
+
+
+def assert_same_updates(got_file, expected_file, model_dir, rel=1e-2):
+    """The training updates (trained - base weights; a LoRA's tensors themselves) agree within `rel`
+    of their norm, tensor by tensor. (Adam turns floating-point noise in gradients as small as its
+    eps into visible differences of single elements, so elementwise tolerances would be arbitrary.)"""
+    got, expected = load_file(got_file), load_file(expected_file)
+    base = {} if got_file.name.startswith("adapter") else load_file(model_dir / "model.safetensors")
+    assert sorted(got) == sorted(expected)
+    for name in got:
+        start = base.get(name, torch.zeros_like(got[name]))
+        update, reference = got[name] - start, expected[name] - start
+        assert torch.linalg.norm(update - reference) <= rel * torch.linalg.norm(reference) + 1e-7, name
+
+
+def test_reward_head_gathered_under_fsdp(objective_runs):
+    """The reward head trained under FSDP2 (sharded with the root) is saved whole and scores as the
+    single-process one does."""
+    single, multi = objective_runs / "single_reward_fsdp_lora", objective_runs / "reward_fsdp_lora"
+    a, b = (
+        load_file(multi / "final" / "reward_head.safetensors"),
+        load_file(single / "final" / "reward_head.safetensors"),
+    )
+    assert a["weight"].shape == b["weight"].shape == (1, 64)
+    assert torch.linalg.norm(a["weight"] - b["weight"]) <= 1e-3 * torch.linalg.norm(b["weight"])
+    assert a["bias"].item() == b["bias"].item() == 0.0  # frozen: it cancels in r_chosen - r_rejected
+    summary = json.loads((multi / "summary.json").read_text())
+    assert summary["eval_accuracy"] == pytest.approx(
+        json.loads((single / "summary.json").read_text())["eval_accuracy"], abs=1e-6
+    )
+
+
+def test_ppo_resume_under_two_ranks_equals_no_stop(objective_runs):
+    """A 2-rank PPO run resumed from step 2 samples the same rollouts and logs the same figures."""
+    straight, resumed = objective_runs / "ppo_ddp_full", objective_runs / "ppo_ddp_full_resumed"
+    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    for key in ("loss", "reward", "kl", "response_length"):
+        assert metric(resumed, key) == pytest.approx(metric(straight, key), rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("name", ["dpo_ddp_lora", "grpo_fsdp_full"])
+def test_policy_trained_on_two_ranks_loads_on_one_device(objective_runs, name):
+    """A LoRA policy trained under DDP and a full one trained under FSDP2 load on one device and
+    compute what the single-process policies compute."""
+    model, tokenizer, method = load_trained(objective_runs / name, device="cpu")
+    reference, _, _ = load_trained(objective_runs / f"single_{name}", device="cpu")
+    assert method == (RUNS[name][1] or {"name": "full"})["name"]
+    ids = tokenizer("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
