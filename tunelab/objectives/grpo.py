@@ -30,29 +30,24 @@ W ranks x b prompts take the step of one process x W * b (up to floating-point o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.collate import batch_stream
-from tunelab.data.preference import prepare_prompts
 from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
 from tunelab.losses.kl import kl_k3
 from tunelab.reference import (
     Reference,
-    disable_dropout,
     final_hidden,
     logprobs_from_hidden,
     reference_logprobs,
 )
 from tunelab.rl.advantages import group_advantages
 from tunelab.rl.loop import apply_gradients, online_loop
-from tunelab.rl.rewards import Rewards, check_reward_spec
-from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
-from tunelab.training.setup import save_final, setup_run
+from tunelab.rl.online import OnlineRun, PromptBatch, split
+from tunelab.rl.rewards import check_reward_spec
 
 
 @dataclass
@@ -100,71 +95,19 @@ class Options:
             raise ValueError("epsilon and epsilon_high must be > 0, beta >= 0")
 
 
-def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """`indices` in `parts` nearly equal, non-empty chunks."""
-    return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
-
-
 def run(config: RunConfig) -> dict:
     """Train a policy with GRPO; returns the summary written to `summary.json`."""
     cfg, options = config, config.objective.options
-    run_ = setup_run(cfg)
-    tokenizer, model = run_.tokenizer, run_.model
-    data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
-    run_.print(
-        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval prompts, "
-        f"template {data.template}"
-    )
-    for note in data.notes:
-        run_.print(f"[tunelab] data: {note}")
-    rewards = Rewards(
-        options.reward_functions,
-        options.reward_weights,
-        options.reward_model,
-        tokenizer,
-        data.template,
-        run_.device,
-        cfg.model.dtype,
-    )
-    disable_dropout(model)
+    online = OnlineRun.setup(cfg, answer="completion")
+    run_, model = online.run, online.run.model
     reference = Reference(model, run_.method, run_.dist.frozen_copy) if options.beta > 0 else None
     run_.print(
-        f"[tunelab] rewards: {', '.join(rewards.names)}; "
+        f"[tunelab] rewards: {', '.join(online.rewards.names)}; "
         f"reference policy: {reference.kind if reference else 'none (beta = 0)'}"
     )
     group, micro = options.num_generations, max(1, cfg.train.grad_accum)
     reuse = options.num_iterations > 1 or options.num_mini_batches > 1  # pi_old differs from pi
     world = run_.dist.world_size
-    global_batch = cfg.train.batch_size * world
-
-    def make_batches(position: int):
-        """Per step: (this rank's positions in the global batch, its prompts)."""
-        lengths = [len(p.prompt_ids) for p in data.train]
-        for indices in batch_stream(lengths, global_batch, cfg.train.seed, position):
-            positions = run_.dist.even_shard(len(indices))
-            yield positions, [data.train[indices[i]] for i in positions]
-
-    def rollout_for(prompts, greedy=False, keys=None) -> Rollout:
-        return generate_rollouts(
-            model,
-            tokenizer,
-            [p.prompt_ids for p in prompts],
-            options.max_new_tokens,
-            options.temperature,
-            options.top_p,
-            greedy,
-            keys=keys,
-        )
-
-    def score(prompts, rollout: Rollout):
-        return rewards.score(
-            [p.prompt for p in prompts],
-            rollout.completions,
-            rollout.completion_ids,
-            prompt_columns([p.extra for p in prompts]),
-            rollout.input_ids,
-            rollout.attention_mask,
-        )
 
     def policy_logprobs(rows: dict, prompt_length: int, with_entropy: bool = False):
         """Completion-aligned (logprobs, entropy), each (n, R), of some rollout rows."""
@@ -191,16 +134,15 @@ def run(config: RunConfig) -> dict:
             parts["kl"] = float((kl_k3(logprobs.detach(), ref) * m).sum())
         return loss_sum / units, parts
 
-    def step_fn(step: int, batch: tuple[list[int], list], optimizer) -> dict:
+    def step_fn(step: int, batch: PromptBatch, optimizer) -> dict:
         positions, prompts = batch
         # 1-3. A group of completions per prompt (keyed: the same whatever the rank), their scores
         # and group advantages (a group never spans ranks).
         prompts = [prompt for prompt in prompts for _ in range(group)]
-        keys = sampling_keys(cfg.train.seed, step, [i * group + g for i in positions for g in range(group)])
-        rollout = rollout_for(prompts, keys=keys)
+        rollout = online.sample(prompts, step, [i * group + g for i in positions for g in range(group)])
         p, n = rollout.prompt_length, len(prompts)
         mask = rollout.response_mask.to(run_.device)  # (N, R)
-        scores, parts = score(prompts, rollout)
+        scores, parts = online.score(prompts, rollout)
         advantages = group_advantages(scores, group, options.scale_rewards).to(run_.device)  # (N,)
 
         # pi_old (when the policy moves between the sampling and a later update) and pi_ref.
@@ -269,48 +211,9 @@ def run(config: RunConfig) -> dict:
         row.update({key: value / groups for key, value in zip(per_group, values[len(local) :], strict=True)})
         return row
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Mean score of greedy completions of the held-out prompts (up to `eval.num_examples`)."""
-        prompts = data.eval[: cfg.eval.num_examples]
-        totals, count = {}, 0
-        for start in range(0, len(prompts), cfg.eval.batch_size):
-            batch = prompts[start : start + cfg.eval.batch_size]
-            rollout = rollout_for(batch, greedy=True)
-            scores, parts = score(batch, rollout)
-            for name, values in {
-                "eval_reward": scores,
-                **{f"eval_reward/{k}": v for k, v in parts.items()},
-            }.items():
-                totals[name] = totals.get(name, 0.0) + float(values.sum())
-            totals["eval_completion_length"] = totals.get("eval_completion_length", 0.0) + float(
-                rollout.response_mask.sum()
-            )
-            count += len(batch)
-        return {key: value / max(count, 1) for key, value in totals.items()}
-
-    before = evaluate() if data.eval else {}
-    steps = cfg.train.max_steps or max(1, -(-int(cfg.train.epochs * len(data.train)) // cfg.train.batch_size))
-    result = online_loop(run_, make_batches, step_fn, steps, evaluate if data.eval else None)
-
-    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
-    summary = {
-        "steps": result.steps,
-        "final_train_loss": result.final_loss,
-        "reward_first_step": first.get("reward"),
-        "reward_last_step": last.get("reward"),
-    }
-    if data.eval:
-        summary.update({f"{k}_before": v for k, v in before.items()})
-        summary.update(evaluate())
+    before = online.evaluate() if online.data.eval else {}
+    evaluate = online.evaluate if online.data.eval else None
+    result = online_loop(run_, online.prompt_batches, step_fn, online.steps(), evaluate)
     if reference is not None:
         reference.copy = None
-    final = save_final(run_)
-    summary["final_dir"] = str(final)
-    if run_.is_main:
-        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_.print(
-            "[tunelab] "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        )
-    return summary
+    return online.finish(result, before)

@@ -31,30 +31,25 @@ so W ranks x b prompts take the step of one process x W * b (up to floating-poin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.collate import batch_stream
-from tunelab.data.preference import prepare_prompts
 from tunelab.losses.kl import per_token_kl
 from tunelab.losses.ppo import approx_policy_kl, clipped_policy_loss, clipped_value_loss
 from tunelab.reference import (
     Reference,
-    disable_dropout,
     final_hidden,
     logprobs_from_hidden,
     reference_logprobs,
 )
 from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
 from tunelab.rl.loop import apply_gradients, online_loop
+from tunelab.rl.online import OnlineRun, PromptBatch, split
 from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
-from tunelab.rl.rewards import Rewards, check_reward_spec
-from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
-from tunelab.training.setup import save_final, setup_run
+from tunelab.rl.rewards import check_reward_spec
 
 
 @dataclass
@@ -110,68 +105,16 @@ class Options:
             raise ValueError("clip_range and value_clip_range must be > 0; kl_coef and vf_coef >= 0")
 
 
-def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """`indices` in `parts` nearly equal, non-empty chunks."""
-    return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
-
-
 def run(config: RunConfig) -> dict:
     """Train a policy with PPO; returns the summary written to `summary.json`."""
     cfg, options = config, config.objective.options
-    run_ = setup_run(cfg)
-    tokenizer, model = run_.tokenizer, run_.model
-    data = prepare_prompts(cfg.data, tokenizer, seed=cfg.train.seed)
-    run_.print(
-        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval prompts, "
-        f"template {data.template}"
-    )
-    for note in data.notes:
-        run_.print(f"[tunelab] data: {note}")
-    rewards = Rewards(
-        options.reward_functions,
-        options.reward_weights,
-        options.reward_model,
-        tokenizer,
-        data.template,
-        run_.device,
-        cfg.model.dtype,
-    )
-    disable_dropout(model)
+    online = OnlineRun.setup(cfg, answer="response")
+    run_, model = online.run, online.run.model
     reference = Reference(model, run_.method, run_.dist.frozen_copy)
     value_head = attach_head(model, VALUE_HEAD, zero_init=True)
-    run_.print(f"[tunelab] rewards: {', '.join(rewards.names)}; reference policy: {reference.kind}")
+    run_.print(f"[tunelab] rewards: {', '.join(online.rewards.names)}; reference policy: {reference.kind}")
     micro = max(1, cfg.train.grad_accum)
     world, total = run_.dist.world_size, run_.dist.all_sum  # total: a tensor summed over ranks
-    global_batch = cfg.train.batch_size * world
-
-    def make_batches(position: int):
-        """Per step: (this rank's positions in the global batch, its prompts)."""
-        lengths = [len(p.prompt_ids) for p in data.train]
-        for indices in batch_stream(lengths, global_batch, cfg.train.seed, position):
-            positions = run_.dist.even_shard(len(indices))
-            yield positions, [data.train[indices[i]] for i in positions]
-
-    def rollout_for(prompts, greedy=False, keys=None) -> Rollout:
-        return generate_rollouts(
-            model,
-            tokenizer,
-            [p.prompt_ids for p in prompts],
-            options.max_new_tokens,
-            options.temperature,
-            options.top_p,
-            greedy,
-            keys=keys,
-        )
-
-    def score(prompts, rollout: Rollout):
-        return rewards.score(
-            [p.prompt for p in prompts],
-            rollout.completions,
-            rollout.completion_ids,
-            prompt_columns([p.extra for p in prompts]),
-            rollout.input_ids,
-            rollout.attention_mask,
-        )
 
     def policy_forward(rows: dict, prompt_length: int, with_entropy: bool = False):
         """Response-aligned (logprobs, entropy, values), each (n, R), of some rollout rows."""
@@ -204,13 +147,13 @@ def run(config: RunConfig) -> dict:
         }
         return loss, {key: float((value.detach() * m).sum() / tokens) for key, value in parts.items()}
 
-    def step_fn(step: int, batch: tuple[list[int], list], optimizer) -> dict:
+    def step_fn(step: int, batch: PromptBatch, optimizer) -> dict:
         positions, prompts = batch
         # 1-2. Rollouts (keyed: the same whatever the rank) and their scores.
-        rollout = rollout_for(prompts, keys=sampling_keys(cfg.train.seed, step, positions))
+        rollout = online.sample(prompts, step, positions)
         p, n = rollout.prompt_length, len(prompts)
         mask = rollout.response_mask.to(run_.device)  # (N, R)
-        scores, parts = score(prompts, rollout)
+        scores, parts = online.score(prompts, rollout)
         scores = scores.to(run_.device)
         ended = rollout.ended.to(run_.device)
         if options.missing_eos_penalty:
@@ -280,49 +223,9 @@ def run(config: RunConfig) -> dict:
         row["entropy"] = float(masked_mean(entropy, mask, all_sum=total))
         return row
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Mean score of greedy responses to the held-out prompts (up to `eval.num_examples`)."""
-        prompts = data.eval[: cfg.eval.num_examples]
-        totals, count = {}, 0
-        for start in range(0, len(prompts), cfg.eval.batch_size):
-            batch = prompts[start : start + cfg.eval.batch_size]
-            rollout = rollout_for(batch, greedy=True)
-            scores, parts = score(batch, rollout)
-            for name, values in {
-                "eval_reward": scores,
-                **{f"eval_reward/{k}": v for k, v in parts.items()},
-            }.items():
-                totals[name] = totals.get(name, 0.0) + float(values.sum())
-            totals["eval_response_length"] = totals.get("eval_response_length", 0.0) + float(
-                rollout.response_mask.sum()
-            )
-            count += len(batch)
-        return {key: value / max(count, 1) for key, value in totals.items()}
-
-    before = evaluate() if data.eval else {}
-    steps = cfg.train.max_steps or max(1, -(-int(cfg.train.epochs * len(data.train)) // cfg.train.batch_size))
-    result = online_loop(run_, make_batches, step_fn, steps, evaluate if data.eval else None)
-
-    first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
-    summary = {
-        "steps": result.steps,
-        "final_train_loss": result.final_loss,
-        "reward_first_step": first.get("reward"),
-        "reward_last_step": last.get("reward"),
-        "kl_last_step": last.get("kl"),
-    }
-    if data.eval:
-        summary.update({f"{k}_before": v for k, v in before.items()})
-        summary.update(evaluate())
+    before = online.evaluate() if online.data.eval else {}
+    evaluate = online.evaluate if online.data.eval else None
+    result = online_loop(run_, online.prompt_batches, step_fn, online.steps(), evaluate)
     detach_head(model, VALUE_HEAD)
     reference.copy = None
-    final = save_final(run_)
-    summary["final_dir"] = str(final)
-    if run_.is_main:
-        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_.print(
-            "[tunelab] "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        )
-    return summary
+    return online.finish(result, before, last_keys=("kl",))
