@@ -107,8 +107,11 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if self.merged or not self.enabled:
             return y
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts x and A itself
+            x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.lora_dropout(x))  # (..., r)
+        # s B h = B (s h): scaling the r-wide h costs out / r times less than scaling B h.
+        return y + self.lora_B(h * self.scaling).to(y.dtype)  # (..., out)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
