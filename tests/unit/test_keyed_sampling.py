@@ -1,5 +1,5 @@
-"""Keyed sampling of rollouts (tunelab/rl/rollouts.py): Gumbel-max with hashed noise draws from
-softmax(z / tau) within the nucleus, and a row's response depends on its key and prompt only."""
+"""Keyed sampling of rollouts (tunelab/rl/rollouts.py): inverting the CDF at a hashed uniform number
+draws from softmax(z / tau) within the nucleus, and a row's response depends on its key and prompt only."""
 
 from __future__ import annotations
 

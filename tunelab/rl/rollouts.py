@@ -13,17 +13,17 @@ log-prob of response token j sits at column P + j of a `logprobs_from_hidden` re
 (the state before emitting it) at column P + j - 1 of the hidden states.
 
 Keyed sampling. Given a key k_i per row (the objectives use (seed, step, the row's place in the
-global batch)), token j of row i is drawn with the Gumbel-max trick (Gumbel 1954; Maddison et al.
-2014, "A* Sampling"):
+global batch)), token j of row i is drawn by inverting the cumulative distribution with one
+uniform number made by an integer hash of (k_i, j):
 
-    y_ij = argmax_v  z_ijv / tau + g_ijv,   g_ijv = -log(-log u(k_i, j, v))   (-inf outside top-p)
+    p = softmax(z / tau)  (0 outside the top-p nucleus),   y_ij = min { v : sum_{w <= v} p_w >= u(k_i, j) }
 
-u a uniform number made by an integer hash of (k_i, j, v). argmax of logits plus independent
-Gumbel(0, 1) noise is an exact sample of softmax(z / tau), so the distribution is the sampler's;
-what changes is that a row's response is a function of its key and of its prompt alone, not of
-the other rows of the batch, their padding, the RNG's state or the number of processes. So a run
-on W ranks x b prompts samples the responses of one process x W * b prompts, and a resumed run the
-responses of the run that never stopped.
+an exact sample of p (Devroye 1986, "Non-Uniform Random Variate Generation", ch. 2). What
+changes against `generate`'s sampler is that a row's response is a function of its key and of its
+prompt alone, not of the other rows of the batch, their padding, the RNG's state or the number of
+processes. So a run on W ranks x b prompts samples the responses of one process x W * b prompts,
+and a resumed run the responses of the run that never stopped. It costs one softmax and one
+cumulative sum over the vocabulary per token (no noise tensor of the vocabulary's size).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def sampling_keys(seed: int, step: int, positions: list[int]) -> torch.Tensor:
 
 
 class KeyedSampling(LogitsProcessor):
-    """Gumbel-max sampling keyed per row (module docstring), for `generate(do_sample=False)`: the
-    returned scores are z / tau (top-p filtered) + Gumbel noise, whose argmax is the sample."""
+    """Inverse-CDF sampling keyed per row (module docstring), for `generate(do_sample=False)`: the
+    returned scores are 0 at the sampled token and -inf elsewhere, so greedy decoding picks it."""
 
     def __init__(self, keys: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
         self.keys = keys  # (N,) int64
@@ -110,13 +110,13 @@ class KeyedSampling(LogitsProcessor):
         logits = scores.float() / self.temperature  # (N, V)
         if self.top_p < 1.0:
             logits = top_p_filter(logits, self.top_p)
-        vocab = torch.arange(logits.shape[-1], device=logits.device)  # (V,)
+        cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (N, V), float64: exact enough over 10^5 tokens
         token = input_ids.shape[1] - self.prompt_width  # index of the token being drawn
         keys = self.keys.to(logits.device)
-        row = hash32(keys ^ hash32(torch.full_like(keys, token)))  # (N,)
-        bits = hash32(row[:, None] ^ hash32(vocab)[None, :])  # (N, V), uniform 32-bit
-        uniform = ((bits >> 8).float() + 0.5) / 2**24  # (N, V) in (0, 1)
-        return logits - torch.log(-torch.log(uniform))
+        bits = hash32(keys ^ hash32(torch.full_like(keys, token)))  # (N,) uniform 32-bit
+        uniform = (bits.double() + 0.5) / 2**32 * cdf[:, -1]  # (N,) in (0, total mass)
+        choice = torch.searchsorted(cdf, uniform[:, None]).clamp(max=logits.shape[-1] - 1)  # (N, 1)
+        return torch.full_like(logits, float("-inf")).scatter_(1, choice, 0.0)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
