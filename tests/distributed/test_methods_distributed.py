@@ -1,5 +1,5 @@
 """Every method under both strategies: 2 ranks x batch 4 take the steps of 1 process x batch 8 and
-save the same `final/` artifact (slow: one launch of 8 runs, about 20 s on 2 idle cores)."""
+save the same `final/` artifact (one launch of 8 runs, about 15 s on 2 idle cores)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ def method_runs(tiny_model_dirs, instruction_data, tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_method_under_two_ranks_equals_one_process(method_runs, name, strategy):
