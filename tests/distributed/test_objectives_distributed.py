@@ -13,6 +13,8 @@ run in this process.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -29,43 +31,49 @@ from tunelab.training.metrics import read_metrics
 
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
 STEPS = ["train.max_steps=4", "train.save_every=2", "train.log_every=1"]
-# name -> (config builder, method, per-rank batch, objective options, strategy, metrics compared)
+
+
+@dataclass
+class Case:
+    """One objective run on 2 ranks against 1 process with twice the batch."""
+
+    build: Callable  # a recipe test's config builder (tests/recipes)
+    method: dict | None  # None: full fine-tuning
+    batch: int  # per rank; the single process takes twice as many
+    strategy: str
+    compared: tuple[str, ...]  # metrics compared at every step
+    options: dict = field(default_factory=dict)  # objective options
+
+    @property
+    def split_mini_batches(self) -> bool:
+        """Each rank splits its own rollouts into mini-batches: only the first rollouts compare."""
+        return self.options.get("num_mini_batches", 1) > 1
+
+
+PPO_FIGURES = ("loss", "reward", "kl", "value_loss", "response_length", "entropy", "grad_norm")
+GRPO_FIGURES = ("loss", "reward", "reward_std", "kl", "completion_length", "grad_norm")
 RUNS = {
-    "reward_ddp_full": (reward_config, None, 4, {}, "ddp", ("loss", "accuracy", "grad_norm")),
-    "reward_fsdp_lora": (reward_config, LORA, 4, {}, "fsdp", ("loss", "accuracy", "grad_norm")),
-    "dpo_ddp_lora": (dpo_config, LORA, 4, {}, "ddp", ("loss", "reward_margin", "grad_norm")),
-    "dpo_fsdp_full": (dpo_config, None, 4, {}, "fsdp", ("loss", "reward_margin", "grad_norm")),
-    "ppo_ddp_full": (
-        ppo_config,
-        None,
-        4,
-        {"ppo_epochs": 2},
-        "ddp",
-        ("loss", "reward", "kl", "value_loss", "response_length", "entropy", "grad_norm"),
-    ),
-    "ppo_fsdp_lora": (
+    "reward_ddp_full": Case(reward_config, None, 4, "ddp", ("loss", "accuracy", "grad_norm")),
+    "reward_fsdp_lora": Case(reward_config, LORA, 4, "fsdp", ("loss", "accuracy", "grad_norm")),
+    "dpo_ddp_lora": Case(dpo_config, LORA, 4, "ddp", ("loss", "reward_margin", "grad_norm")),
+    "dpo_fsdp_full": Case(dpo_config, None, 4, "fsdp", ("loss", "reward_margin", "grad_norm")),
+    "ppo_ddp_full": Case(ppo_config, None, 4, "ddp", PPO_FIGURES, {"ppo_epochs": 2}),
+    "ppo_fsdp_lora": Case(
         ppo_config,
         LORA,
         4,
-        {"ppo_epochs": 1, "num_mini_batches": 2},
         "fsdp",
         ("reward", "kl", "response_length"),
+        {"ppo_epochs": 1, "num_mini_batches": 2},
     ),
-    "grpo_ddp_lora": (
-        grpo_config,
-        LORA,
-        2,
-        {"num_generations": 4},
-        "ddp",
-        ("loss", "reward", "reward_std", "kl", "completion_length", "grad_norm"),
-    ),
-    "grpo_fsdp_full": (
+    "grpo_ddp_lora": Case(grpo_config, LORA, 2, "ddp", GRPO_FIGURES, {"num_generations": 4}),
+    "grpo_fsdp_full": Case(
         grpo_config,
         None,
         2,
-        {"num_generations": 4, "num_iterations": 2, "loss_aggregation": "sequence"},
         "fsdp",
-        ("loss", "reward", "reward_std", "kl", "clip_frac", "completion_length", "grad_norm"),
+        (*GRPO_FIGURES, "clip_frac"),
+        {"num_generations": 4, "num_iterations": 2, "loss_aggregation": "sequence"},
     ),
 }
 
@@ -76,24 +84,23 @@ def objective_runs(tiny_model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed-objectives")
     model_dir = tiny_model_dirs["llama"]
     plan = []
-    for name, (build, method, batch, options, strategy, _) in RUNS.items():
+    for name, case in RUNS.items():
         common = [*STEPS, "train.lr=3e-3"]
+        single = [*common, f"train.batch_size={2 * case.batch}"]
         tunelab.train(
-            build(
-                model_dir,
-                root / f"single_{name}",
-                *common,
-                f"train.batch_size={2 * batch}",
-                method=method,
-                **options,
-            )
+            case.build(model_dir, root / f"single_{name}", *single, method=case.method, **case.options)
         )
-        two = [*common, f"train.batch_size={batch}", f"train.strategy={strategy}"]
-        config = build(model_dir, root / name, *two, method=method, **options)
+        two = [*common, f"train.batch_size={case.batch}", f"train.strategy={case.strategy}"]
+        config = case.build(model_dir, root / name, *two, method=case.method, **case.options)
         plan.append({"config": write_config(config, root / f"{name}.yaml")})
         if name == "ppo_ddp_full":  # resumed from its step-2 checkpoint
-            resumed = build(
-                model_dir, root / f"{name}_resumed", *two, "train.resume=true", method=method, **options
+            resumed = case.build(
+                model_dir,
+                root / f"{name}_resumed",
+                *two,
+                "train.resume=true",
+                method=case.method,
+                **case.options,
             )
             plan.append(
                 {
@@ -110,8 +117,8 @@ def test_two_ranks_equal_one_process_with_double_batch(objective_runs, tiny_mode
     """Same logged losses and figures step by step, and the same trained weights in `final/`."""
     single, multi = objective_runs / f"single_{name}", objective_runs / name
     assert [r["step"] for r in read_metrics(multi)] == [1, 2, 3, 4]
-    first_only = RUNS[name][3].get("num_mini_batches", 1) > 1  # different splits from step 1 on
-    for key in RUNS[name][-1]:
+    first_only = RUNS[name].split_mini_batches
+    for key in RUNS[name].compared:
         expected, got = metric(single, key), metric(multi, key)
         if first_only:
             expected, got = expected[:1], got[:1]
@@ -168,7 +175,7 @@ def test_policy_trained_on_two_ranks_loads_on_one_device(objective_runs, name):
     compute what the single-process policies compute."""
     model, tokenizer, method = load_trained(objective_runs / name, device="cpu")
     reference, _, _ = load_trained(objective_runs / f"single_{name}", device="cpu")
-    assert method == (RUNS[name][1] or {"name": "full"})["name"]
+    assert method == (RUNS[name].method or {"name": "full"})["name"]
     ids = tokenizer("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
