@@ -150,21 +150,21 @@ def test_resume_equals_no_stop(llama_dir, tmp_path):
     samples) and the data position (the next prompts are the same)."""
     common = ["train.max_steps=4", "train.save_every=2", "train.batch_size=4"]
     tunelab.train(ppo_config(llama_dir, tmp_path / "full", *common))
-    from tunelab.rl import loop
+    from tunelab.training.metrics import MetricsLog
 
-    original = loop.MetricsLog.log
+    original = MetricsLog.log
 
     def log(self, row):
         original(self, row)
         if row["step"] >= 3:
             raise KeyboardInterrupt
 
-    loop.MetricsLog.log = log
+    MetricsLog.log = log
     try:
         with pytest.raises(KeyboardInterrupt):
             tunelab.train(ppo_config(llama_dir, tmp_path / "cut", *common))
     finally:
-        loop.MetricsLog.log = original
+        MetricsLog.log = original
     tunelab.train(ppo_config(llama_dir, tmp_path / "cut", *common, "train.resume=true"))
     straight, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

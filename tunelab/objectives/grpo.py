@@ -45,9 +45,10 @@ from tunelab.reference import (
     reference_logprobs,
 )
 from tunelab.rl.advantages import group_advantages
-from tunelab.rl.loop import apply_gradients, online_loop
+from tunelab.rl.loop import online_loop
 from tunelab.rl.online import OnlineRun, PromptBatch, split
 from tunelab.rl.rewards import check_reward_spec
+from tunelab.training.loop import apply_gradients
 
 
 @dataclass

@@ -46,10 +46,11 @@ from tunelab.reference import (
     reference_logprobs,
 )
 from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
-from tunelab.rl.loop import apply_gradients, online_loop
+from tunelab.rl.loop import online_loop
 from tunelab.rl.online import OnlineRun, PromptBatch, split
 from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
 from tunelab.rl.rewards import check_reward_spec
+from tunelab.training.loop import apply_gradients
 
 
 @dataclass

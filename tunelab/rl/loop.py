@@ -20,27 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunelab.training.distributed import full_tensor
-from tunelab.training.loop import LoopResult
-from tunelab.training.metrics import MetricsLog, plot_loss
-from tunelab.training.optim import build_optimizer, lr_at, set_lr
+from tunelab.training.loop import LoopResult, StepLoop
+from tunelab.training.optim import lr_at, set_lr
 from tunelab.training.setup import Run
 
 StepFn = Callable[[int, list, torch.optim.Optimizer], dict]
 """(step, prompt batch, optimizer) -> metrics row of the step (must hold `loss`)."""
-
-
-def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> float:
-    """Clip the global gradient norm (`train.max_grad_norm`), step, zero; returns the norm before
-    clipping (over every rank's shard under FSDP)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, run.config.train.max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(full_tensor(norm))
 
 
 def online_loop(
@@ -50,69 +36,19 @@ def online_loop(
     steps: int,
     evaluate: Callable[[], dict] | None = None,
 ) -> LoopResult:
-    """Run `steps` rollout steps; `make_batches(position)` yields prompt batches from that position."""
+    """Run `steps` rollout steps; `make_batches(position)` yields prompt batches from that position
+    (the data position is the number of steps done)."""
     cfg = run.config.train
-    model = run.model
-    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
-    optimizer = build_optimizer(model, cfg)
-    start_step = 0
-    if cfg.resume:
-        checkpoint = latest_checkpoint(run.output_dir)
-        run.dist.check_same(str(checkpoint), "the latest checkpoint")
-        if checkpoint is None:
-            run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
-        else:
-            start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-            run.print(f"[tunelab] resumed from {checkpoint} (step {start_step})")
-    metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)
-    batches = make_batches(start_step)
-    model.train()
-    history: list[dict] = []
-    bar = tqdm(
-        total=steps,
-        initial=start_step,
-        disable=not (cfg.progress and run.is_main),
-        desc="rl",
-        dynamic_ncols=True,
-    )
+    loop = StepLoop(run, steps, evaluate, "rl")
+    batches = make_batches(loop.start_step)
     started = time.perf_counter()
-    try:
-        for step in range(start_step + 1, steps + 1):
+    with loop.running():
+        for step in loop.step_numbers():
             lr = lr_at(step, steps, cfg)
-            set_lr(optimizer, lr)
-            row = {"step": step, **step_fn(step, next(batches), optimizer), "lr": lr}
+            set_lr(loop.optimizer, lr)
+            row = {"step": step, **step_fn(step, next(batches), loop.optimizer), "lr": lr}
             row["seconds"] = time.perf_counter() - started
-            do_eval = (
-                evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == steps)
-            )
-            if do_eval:
-                row.update(evaluate())
-            if step % cfg.log_every == 0 or do_eval or step == steps:
-                metrics.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row.get('reward', 0.0):.3f}")
-            history.append(row)
-            bar.update(1)
-            if cfg.save_every and step % cfg.save_every == 0 and step != steps:
-                save_checkpoint(
-                    run.output_dir,
-                    step,
-                    model,
-                    optimizer,
-                    step,
-                    run.config_yaml,
-                    cfg.keep_last,
-                    is_main=run.is_main,
-                )
-    except KeyboardInterrupt:
-        bar.close()
-        last = latest_checkpoint(run.output_dir)
-        run.print(
-            f"\n[tunelab] interrupted; the last checkpoint is {last or 'none'}. Continue with `train.resume=true`."
-        )
-        metrics.close()
-        raise
-    bar.close()
-    metrics.close()
-    if run.is_main and history:
-        plot_loss(run.output_dir)
+            postfix = {"loss": f"{row['loss']:.4f}", "reward": f"{row.get('reward', 0.0):.3f}"}
+            loop.end_step(row, step, postfix)
+    history = loop.history
     return LoopResult(steps, history[-1]["loss"] if history else None, history)
