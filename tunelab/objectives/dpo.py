@@ -19,18 +19,17 @@ evaluate -> train -> evaluate -> save `final/` (the method's artifact, as for SF
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.collate import batch_stream
-from tunelab.data.preference import pad_pairs, prepare_preferences
+from tunelab.data.preference import prepare_preferences
 from tunelab.losses.dpo import dpo_loss
+from tunelab.objectives.pairs import held_out_pair_batches, pair_batches, pair_count, real_tokens
 from tunelab.reference import Reference, disable_dropout, reference_sequence_logprobs, sequence_logprobs
 from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import save_final, setup_run
+from tunelab.training.setup import report_data, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -53,29 +52,12 @@ def run(config: RunConfig) -> dict:
     run_ = setup_run(cfg)
     tokenizer, model = run_.tokenizer, run_.model
     data = prepare_preferences(cfg.data, tokenizer, seed=cfg.train.seed)
-    run_.print(
-        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval pairs, "
-        f"template {data.template}"
-    )
-    for note in data.notes:
-        run_.print(f"[tunelab] data: {note}")
+    eval_count = len(data.eval) if data.eval else 0
+    report_data(run_, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
     disable_dropout(model)
     reference = Reference(model, run_.method, run_.dist.frozen_copy)
     run_.print(f"[tunelab] reference policy: {reference.kind}")
     pad_id = tokenizer.pad_token_id
-
-    def to_device(batch):
-        return {k: v.to(run_.device) for k, v in batch.items()}
-
-    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
-    global_batch = cfg.train.batch_size * run_.dist.world_size
-
-    def make_batches(position: int):
-        lengths = [p.length for p in data.train]
-        for indices in batch_stream(
-            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
-        ):
-            yield to_device(pad_pairs([data.train[i] for i in run_.dist.shard(indices)], pad_id))
 
     def pair_losses(batch):
         """Per-pair DPO losses and implicit rewards of a batch (chosen rows first, then rejected)."""
@@ -95,21 +77,14 @@ def run(config: RunConfig) -> dict:
         }
         return losses.sum(), extras
 
-    def units(batch):
-        return len(batch["margin"])
-
-    def real_tokens(batch):
-        return int(batch["attention_mask"].sum())
-
     @torch.no_grad()
     def evaluate() -> dict:
         """Held-out DPO loss, implicit reward margin and pairwise accuracy."""
         was_training = model.training
         model.eval()
         loss = margin = accuracy = 0.0
-        count, size = 0, cfg.train.batch_size
-        for start in list(range(0, len(data.eval), size))[: cfg.train.eval_batches]:
-            batch = to_device(pad_pairs(data.eval[start : start + size], pad_id))
+        count = 0
+        for batch in held_out_pair_batches(run_, data.eval, pad_id):
             with run_.autocast():
                 losses, chosen, rejected = pair_losses(batch)
             loss += float(losses.sum())
@@ -121,8 +96,14 @@ def run(config: RunConfig) -> dict:
         return {"eval_loss": loss / count, "eval_margin": margin / count, "eval_accuracy": accuracy / count}
 
     before = evaluate() if data.eval else {}
-    steps = total_steps(run_, -(-len(data.train) // global_batch))
-    result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
+    steps = total_steps(run_, -(-len(data.train) // run_.global_batch))
+
+    def make_batches(position: int):
+        return pair_batches(run_, data.train, pad_id, position)
+
+    result = optimize(
+        run_, make_batches, loss_fn, pair_count, steps, evaluate if data.eval else None, real_tokens
+    )
 
     summary = {"steps": result.steps, "final_train_loss": result.final_loss}
     if data.eval:
@@ -131,10 +112,4 @@ def run(config: RunConfig) -> dict:
     reference.copy = None  # free the frozen copy before saving
     final = save_final(run_)
     summary["final_dir"] = str(final)
-    if run_.is_main:
-        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_.print(
-            "[tunelab] "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        )
-    return summary
+    return write_summary(run_, summary)

@@ -17,18 +17,17 @@ see tunelab/rl/reward_model.py), which PPO (`objective.reward_model`) and `tunel
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.collate import batch_stream
-from tunelab.data.preference import PairExample, pad_pairs, prepare_preferences
+from tunelab.data.preference import PairExample, prepare_preferences
 from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
+from tunelab.objectives.pairs import held_out_pair_batches, pair_batches, pair_count, real_tokens
 from tunelab.rl.reward_model import REWARD_HEAD, attach_head, detach_head, save_reward_head, sequence_rewards
 from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import save_final, setup_run
+from tunelab.training.setup import report_data, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -48,12 +47,8 @@ def run(config: RunConfig) -> dict:
     run_ = setup_run(cfg)
     tokenizer, model = run_.tokenizer, run_.model
     data = prepare_preferences(cfg.data, tokenizer, seed=cfg.train.seed)
-    run_.print(
-        f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval pairs, "
-        f"template {data.template}"
-    )
-    for note in data.notes:
-        run_.print(f"[tunelab] data: {note}")
+    eval_count = len(data.eval) if data.eval else 0
+    report_data(run_, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
     head = attach_head(model, REWARD_HEAD)
     center = options.center_coefficient or 0.0
     if not center:  # b cancels in r_c - r_r: its gradient is exactly 0, Adam would move it on rounding noise
@@ -61,19 +56,6 @@ def run(config: RunConfig) -> dict:
     # The score comes from the hidden states: the LM head (and a LoRA on it) gets no gradient.
     run_.dist.find_unused_parameters = True
     pad_id = tokenizer.pad_token_id
-
-    def to_device(batch):
-        return {k: v.to(run_.device) for k, v in batch.items()}
-
-    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
-    global_batch = cfg.train.batch_size * run_.dist.world_size
-
-    def make_batches(position: int):
-        lengths = [p.length for p in data.train]
-        for indices in batch_stream(
-            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
-        ):
-            yield to_device(pad_pairs([data.train[i] for i in run_.dist.shard(indices)], pad_id))
 
     def rewards(batch):
         """(r_chosen (B,), r_rejected (B,)) of a batch of pairs."""
@@ -90,12 +72,6 @@ def run(config: RunConfig) -> dict:
         }
         return losses.sum(), extras
 
-    def units(batch):
-        return len(batch["margin"])
-
-    def real_tokens(batch):
-        return int(batch["attention_mask"].sum())
-
     @torch.no_grad()
     def evaluate(pairs: list[PairExample] | None = None) -> dict:
         """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin."""
@@ -103,11 +79,8 @@ def run(config: RunConfig) -> dict:
         was_training = model.training
         model.eval()
         loss = accuracy = margin = 0.0
-        size, limit = cfg.train.batch_size, cfg.train.eval_batches
-        starts = list(range(0, len(pairs), size))[:limit]
         count = 0
-        for start in starts:
-            batch = to_device(pad_pairs(pairs[start : start + size], pad_id))
+        for batch in held_out_pair_batches(run_, pairs, pad_id):
             with run_.autocast():
                 chosen, rejected = rewards(batch)
             chosen, rejected = chosen.float(), rejected.float()
@@ -122,8 +95,14 @@ def run(config: RunConfig) -> dict:
     before = evaluate() if data.eval else {}
     if before:
         run_.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
-    steps = total_steps(run_, -(-len(data.train) // global_batch))
-    result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
+    steps = total_steps(run_, -(-len(data.train) // run_.global_batch))
+
+    def make_batches(position: int):
+        return pair_batches(run_, data.train, pad_id, position)
+
+    result = optimize(
+        run_, make_batches, loss_fn, pair_count, steps, evaluate if data.eval else None, real_tokens
+    )
 
     summary = {"steps": result.steps, "final_train_loss": result.final_loss}
     if data.eval:
@@ -137,10 +116,4 @@ def run(config: RunConfig) -> dict:
         saved.load_state_dict(head_state)
         save_reward_head(final, saved, data.template, cfg.method.name, cfg.model.name_or_path)
     summary["final_dir"] = str(final)
-    if run_.is_main:
-        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_.print(
-            "[tunelab] "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        )
-    return summary
+    return write_summary(run_, summary)

@@ -9,7 +9,6 @@ train -> evaluate -> save `final/`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from tunelab.config import RunConfig
@@ -20,7 +19,7 @@ from tunelab.data.packing import real_tokens as count_real_tokens
 from tunelab.evaluate import evaluate_loss, exact_match, model_lm_loss_sum
 from tunelab.methods import count_parameters
 from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import save_final, setup_run
+from tunelab.training.setup import report_data, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -34,12 +33,9 @@ def run(config: RunConfig) -> dict:
     run_ = setup_run(cfg)
     tokenizer, model = run_.tokenizer, run_.model
     data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    run_.print(
-        f"[tunelab] data: {len(data.train.examples)} train / {len(data.eval.examples) if data.eval else 0} eval "
-        f"examples, format {data.format}, template {data.template}"
-    )
-    for note in data.notes:
-        run_.print(f"[tunelab] data: {note}")
+    eval_count = len(data.eval.examples) if data.eval else 0
+    details = f"format {data.format}, template {data.template}"
+    report_data(run_, len(data.train.examples), eval_count, "examples", details, data.notes)
 
     if cfg.data.packing:
         attention = use_packed_attention(model)
@@ -48,12 +44,9 @@ def run(config: RunConfig) -> dict:
     lengths = [len(e.input_ids) for e in train_examples]
     pad_id = tokenizer.pad_token_id
 
-    # Global batches of batch_size x ranks; each rank takes its rows (tunelab.training.distributed).
-    global_batch = cfg.train.batch_size * run_.dist.world_size
-
     def make_batches(position: int):
         for indices in batch_stream(
-            lengths, global_batch, cfg.train.seed, position, cfg.data.group_by_length
+            lengths, run_.global_batch, cfg.train.seed, position, cfg.data.group_by_length
         ):
             examples = [train_examples[i] for i in run_.dist.shard(indices)]
             batch = pack_batch(examples) if cfg.data.packing else pad_batch(examples, pad_id)
@@ -73,7 +66,7 @@ def run(config: RunConfig) -> dict:
             model, data.eval.examples, pad_id, cfg.train.batch_size, cfg.train.eval_batches, run_.autocast()
         )
 
-    steps = total_steps(run_, -(-len(train_examples) // global_batch))
+    steps = total_steps(run_, -(-len(train_examples) // run_.global_batch))
     result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
 
     trainable, total = count_parameters(model)
@@ -98,10 +91,4 @@ def run(config: RunConfig) -> dict:
             summary["exact_match"] = accuracy
     final = save_final(run_)
     summary["final_dir"] = str(final)
-    if run_.is_main:
-        (run_.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_.print(
-            "[tunelab] "
-            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
-        )
-    return summary
+    return write_summary(run_, summary)

@@ -10,7 +10,6 @@ are made (tunelab/rl/rollouts.py): so a response depends on its prompt, step and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from tunelab.reference import disable_dropout
 from tunelab.rl.rewards import Rewards
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.loop import LoopResult
-from tunelab.training.setup import Run, save_final, setup_run
+from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
 
 PromptBatch = tuple[list[int], list[PromptExample]]
 """This rank's positions in the step's global batch, and its prompts."""
@@ -54,12 +53,8 @@ class OnlineRun:
         options = config.objective.options
         run = setup_run(config)
         data = prepare_prompts(config.data, run.tokenizer, seed=config.train.seed)
-        run.print(
-            f"[tunelab] data: {len(data.train)} train / {len(data.eval) if data.eval else 0} eval prompts, "
-            f"template {data.template}"
-        )
-        for note in data.notes:
-            run.print(f"[tunelab] data: {note}")
+        eval_count = len(data.eval) if data.eval else 0
+        report_data(run, len(data.train), eval_count, "prompts", f"template {data.template}", data.notes)
         rewards = Rewards(
             options.reward_functions,
             options.reward_weights,
@@ -72,23 +67,18 @@ class OnlineRun:
         disable_dropout(run.model)
         return cls(run, data, rewards, options.max_new_tokens, options.temperature, options.top_p, answer)
 
-    @property
-    def global_batch(self) -> int:
-        """Prompts per step over all ranks."""
-        return self.run.config.train.batch_size * self.run.dist.world_size
-
     def steps(self) -> int:
         """`train.max_steps`, or the steps of `train.epochs` passes over the prompts."""
         train = self.run.config.train
         if train.max_steps:
             return train.max_steps
-        return max(1, -(-int(train.epochs * len(self.data.train)) // self.global_batch))
+        return max(1, -(-int(train.epochs * len(self.data.train)) // self.run.global_batch))
 
     def prompt_batches(self, position: int) -> Iterator[PromptBatch]:
         """This rank's part of every step's global prompt batch, from step `position` on."""
         lengths = [len(p.prompt_ids) for p in self.data.train]
         seed = self.run.config.train.seed
-        for indices in batch_stream(lengths, self.global_batch, seed, position):
+        for indices in batch_stream(lengths, self.run.global_batch, seed, position):
             positions = self.run.dist.even_shard(len(indices))
             yield positions, [self.data.train[indices[i]] for i in positions]
 
@@ -160,12 +150,4 @@ class OnlineRun:
             summary.update(self.evaluate())
         final = save_final(self.run)
         summary["final_dir"] = str(final)
-        if self.run.is_main:
-            (self.run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.run.print(
-                "[tunelab] "
-                + ", ".join(
-                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
-                )
-            )
-        return summary
+        return write_summary(self.run, summary)

@@ -6,6 +6,7 @@ Every objective starts with `setup_run(config)`; what it returns is everything a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -48,6 +49,12 @@ class Run:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @property
+    def global_batch(self) -> int:
+        """Examples (pairs, prompts) of one micro-batch over all processes: `train.batch_size x
+        processes`; each process takes its rows (tunelab/training/distributed.py)."""
+        return self.config.train.batch_size * self.dist.world_size
 
     def print(self, *args) -> None:
         if self.is_main:
@@ -158,3 +165,22 @@ def save_final(run: Run) -> Path:
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def report_data(run: Run, train: int, eval_: int, unit: str, details: str, notes: list[str]) -> None:
+    """Print (rank 0) what the run reads: `train` / `eval_` records of `unit`, `details` (format,
+    template) and the data notes (truncations, skipped records)."""
+    run.print(f"[tunelab] data: {train} train / {eval_} eval {unit}, {details}")
+    for note in notes:
+        run.print(f"[tunelab] data: {note}")
+
+
+def write_summary(run: Run, summary: dict) -> dict:
+    """Rank 0: write `OUTPUT_DIR/summary.json` and print the summary on one line. Returns it."""
+    if run.is_main:
+        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run.print(
+            "[tunelab] "
+            + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+        )
+    return summary
