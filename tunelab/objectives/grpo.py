@@ -46,9 +46,8 @@ from tunelab.reference import (
 )
 from tunelab.rl.advantages import group_advantages
 from tunelab.rl.loop import online_loop
-from tunelab.rl.online import OnlineRun, PromptBatch, split
+from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split
 from tunelab.rl.rewards import check_reward_spec
-from tunelab.training.loop import apply_gradients
 
 
 @dataclass
@@ -108,7 +107,6 @@ def run(config: RunConfig) -> dict:
     )
     group, micro = options.num_generations, max(1, cfg.train.grad_accum)
     reuse = options.num_iterations > 1 or options.num_mini_batches > 1  # pi_old differs from pi
-    world = run_.dist.world_size
 
     def policy_logprobs(rows: dict, prompt_length: int, with_entropy: bool = False):
         """Completion-aligned (logprobs, entropy), each (n, R), of some rollout rows."""
@@ -118,9 +116,10 @@ def run(config: RunConfig) -> dict:
         )
         return logprobs[:, prompt_length:], entropy[:, prompt_length:] if with_entropy else None
 
-    def chunk_loss(rows: dict, p: int, chunk, units, old_logprobs, ref_logprobs, advantages, mask):
-        """The GRPO loss of some rows (their aggregated sum / the mini-batch's `units`), with
-        per-token sums of the logged parts (clip fraction, entropy, k3)."""
+    def chunk_loss(rows: dict, p: int, chunk, norm, old_logprobs, ref_logprobs, advantages, mask):
+        """The GRPO loss of some rows (their aggregated sum / the mini-batch's units) and the logged
+        parts (the loss; clip fraction, entropy, k3 per token of the mini-batch). norm: (units, tokens)."""
+        units, tokens = norm
         logprobs, entropy = policy_logprobs(rows, p, with_entropy=True)
         logprobs = logprobs.float()
         old = old_logprobs[chunk] if reuse else logprobs.detach()
@@ -130,10 +129,15 @@ def run(config: RunConfig) -> dict:
         )
         m = mask[chunk]
         loss_sum, _ = aggregate_loss(per_token, m, options.loss_aggregation, options.max_new_tokens)
-        parts = {"clip_frac": float((clipped * m).sum()), "entropy": float((entropy * m).sum())}
+        loss = loss_sum / units
+        parts = {
+            "loss": float(loss.detach()),
+            "clip_frac": float((clipped * m).sum()) / tokens,
+            "entropy": float((entropy * m).sum()) / tokens,
+        }
         if ref is not None:
-            parts["kl"] = float((kl_k3(logprobs.detach(), ref) * m).sum())
-        return loss_sum / units, parts
+            parts["kl"] = float((kl_k3(logprobs.detach(), ref) * m).sum()) / tokens
+        return loss, parts
 
     def step_fn(step: int, batch: PromptBatch, optimizer) -> dict:
         positions, prompts = batch
@@ -163,35 +167,26 @@ def run(config: RunConfig) -> dict:
                     ]
                 )
 
-        # 4. mu passes over mini-batches, each mini-batch in micro-batches; under torchrun every
-        # rank's mini-batch j is a part of global mini-batch j (units over all of it).
-        totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}
-        grad_norm, updates = 0.0, 0
-        for _ in range(options.num_iterations):
-            for batch_rows in split(torch.randperm(n), options.num_mini_batches):
-                # the global mini-batch's units (sequences, tokens or sequences x L), and its tokens
-                _, local_units = aggregate_loss(
-                    mask[batch_rows], mask[batch_rows], options.loss_aggregation, options.max_new_tokens
-                )
-                units, tokens = run_.dist.sum(local_units, float(mask[batch_rows].sum()))
-                tokens = max(tokens, 1.0)
-                chunks = split(batch_rows, micro)
-                for index, chunk in enumerate(chunks):
-                    with run_.dist.grad_sync(index == len(chunks) - 1):
-                        with run_.autocast():
-                            loss, chunk_parts = run_.dist.forward(
-                                chunk_loss, rollout.rows(chunk), p, chunk, units, old_logprobs, ref_logprobs,
-                                advantages, mask,
-                            )  # fmt: skip
-                        (loss * world).backward()  # ranks average gradients: x W gives their sum
-                    totals["loss"] += float(loss.detach())
-                    for key, value in chunk_parts.items():
-                        totals[key] += value / tokens
-                grad_norm += apply_gradients(run_, optimizer)
-                updates += 1
-        sums = dict(zip(totals, run_.dist.sum(*totals.values()), strict=True))
-        row = {key: value / updates for key, value in sums.items() if key != "kl" or reference is not None}
-        row["grad_norm"] = grad_norm / updates
+        def normaliser(rows: torch.Tensor) -> tuple[float, float]:
+            """(units, tokens) of the global mini-batch (units: sequences, tokens or sequences x L)."""
+            _, local_units = aggregate_loss(
+                mask[rows], mask[rows], options.loss_aggregation, options.max_new_tokens
+            )
+            units, tokens = run_.dist.sum(local_units, float(mask[rows].sum()))
+            return units, max(tokens, 1.0)
+
+        # 4. mu passes over mini-batches (normalised over each global mini-batch), in micro-batches.
+        tensors = (old_logprobs, ref_logprobs, advantages, mask)
+        row = policy_updates(
+            run_,
+            optimizer,
+            n,
+            options.num_iterations,
+            options.num_mini_batches,
+            micro,
+            normaliser,
+            chunk_loss=lambda chunk, norm: chunk_loss(rollout.rows(chunk), p, chunk, norm, *tensors),
+        )
 
         # Figures of the global batch: sums over ranks / completions or groups.
         grouped = scores.view(-1, group)

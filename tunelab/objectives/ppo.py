@@ -47,10 +47,9 @@ from tunelab.reference import (
 )
 from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
 from tunelab.rl.loop import online_loop
-from tunelab.rl.online import OnlineRun, PromptBatch, split
+from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split
 from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
 from tunelab.rl.rewards import check_reward_spec
-from tunelab.training.loop import apply_gradients
 
 
 @dataclass
@@ -115,7 +114,7 @@ def run(config: RunConfig) -> dict:
     value_head = attach_head(model, VALUE_HEAD, zero_init=True)
     run_.print(f"[tunelab] rewards: {', '.join(online.rewards.names)}; reference policy: {reference.kind}")
     micro = max(1, cfg.train.grad_accum)
-    world, total = run_.dist.world_size, run_.dist.all_sum  # total: a tensor summed over ranks
+    total = run_.dist.all_sum  # a tensor summed over ranks
 
     def policy_forward(rows: dict, prompt_length: int, with_entropy: bool = False):
         """Response-aligned (logprobs, entropy, values), each (n, R), of some rollout rows."""
@@ -129,7 +128,7 @@ def run(config: RunConfig) -> dict:
 
     def chunk_loss(rows: dict, p: int, chunk, tokens, old_logprobs, old_values, advantages, returns, mask):
         """PPO's loss of some rows (summed over their tokens / the mini-batch's `tokens`) and its parts."""
-        logprobs, _, values = policy_forward(rows, p)
+        logprobs, _, values = policy_forward(rows, p)  # (n, R) each
         pg, pg_clipped = clipped_policy_loss(
             logprobs.float(), old_logprobs[chunk], advantages[chunk], options.clip_range
         )
@@ -185,31 +184,18 @@ def run(config: RunConfig) -> dict:
         if options.whiten_advantages:
             advantages = masked_whiten(advantages, mask, all_sum=total)
 
-        # 5. PPO epochs over mini-batches, each mini-batch in micro-batches; under torchrun every
-        # rank's mini-batch j is a part of global mini-batch j (token mean over all of it).
-        totals = dict.fromkeys(
-            ("loss", "policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl"), 0.0
-        )
-        grad_norm, updates = 0.0, 0
+        # 5. PPO epochs over mini-batches (token means over each global mini-batch), in micro-batches.
         tensors = (old_logprobs, old_values, advantages, returns, mask)
-        for _ in range(options.ppo_epochs):
-            for batch_rows in split(torch.randperm(n), options.num_mini_batches):
-                tokens = total(mask[batch_rows].sum()).clamp(min=1.0)
-                chunks = split(batch_rows, micro)
-                for index, chunk in enumerate(chunks):
-                    with run_.dist.grad_sync(index == len(chunks) - 1):
-                        with run_.autocast():
-                            loss, chunk_parts = run_.dist.forward(
-                                chunk_loss, rollout.rows(chunk), p, chunk, tokens, *tensors
-                            )
-                        (loss * world).backward()  # ranks average gradients: x W gives their sum
-                    for key, value in chunk_parts.items():
-                        totals[key] += value
-                grad_norm += apply_gradients(run_, optimizer)
-                updates += 1
-        sums = dict(zip(totals, run_.dist.sum(*totals.values()), strict=True))
-        row = {key: value / updates for key, value in sums.items()}
-        row["grad_norm"] = grad_norm / updates
+        row = policy_updates(
+            run_,
+            optimizer,
+            n,
+            options.ppo_epochs,
+            options.num_mini_batches,
+            micro,
+            normaliser=lambda rows: total(mask[rows].sum()).clamp(min=1.0),
+            chunk_loss=lambda chunk, tokens: chunk_loss(rollout.rows(chunk), p, chunk, tokens, *tensors),
+        )
 
         # Figures of the global batch: sums over ranks / rollouts.
         local = {

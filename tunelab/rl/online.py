@@ -10,7 +10,7 @@ are made (tunelab/rl/rollouts.py): so a response depends on its prompt, step and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from tunelab.data.preference import PromptData, PromptExample, prepare_prompts
 from tunelab.reference import disable_dropout
 from tunelab.rl.rewards import Rewards
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
-from tunelab.training.loop import LoopResult
+from tunelab.training.loop import LoopResult, apply_gradients
 from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
 
 PromptBatch = tuple[list[int], list[PromptExample]]
@@ -31,6 +31,46 @@ PromptBatch = tuple[list[int], list[PromptExample]]
 def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
     """`indices` in `parts` nearly equal, non-empty chunks."""
     return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
+
+
+ChunkLoss = Callable[[torch.Tensor, object], tuple[torch.Tensor, dict[str, float]]]
+"""(rollout rows of a micro-batch, the mini-batch's normaliser) -> (loss to back-propagate, logged
+parts already divided by the normaliser)."""
+
+
+def policy_updates(
+    run: Run,
+    optimizer: torch.optim.Optimizer,
+    n: int,
+    passes: int,
+    num_mini_batches: int,
+    micro: int,
+    normaliser: Callable[[torch.Tensor], object],
+    chunk_loss: ChunkLoss,
+) -> dict[str, float]:
+    """`passes` over this rank's N rollouts, each in `num_mini_batches` shuffled mini-batches (one
+    optimizer step each) split into `micro` micro-batches. `normaliser(rows)` gives what a
+    mini-batch's losses are divided by (global over ranks: every rank's mini-batch j is a part of
+    global mini-batch j); every backward runs through `Parallel.forward`, DDP synchronising on the
+    last micro-batch. Returns each logged part summed over ranks and averaged over the updates,
+    and the mean gradient norm."""
+    totals: dict[str, float] = {}
+    grad_norm, updates = 0.0, 0
+    for _ in range(passes):
+        for rows in split(torch.randperm(n), num_mini_batches):
+            norm = normaliser(rows)
+            chunks = split(rows, micro)
+            for index, chunk in enumerate(chunks):
+                with run.dist.grad_sync(index == len(chunks) - 1):
+                    with run.autocast():
+                        loss, parts = run.dist.forward(chunk_loss, chunk, norm)
+                    (loss * run.dist.world_size).backward()  # ranks average gradients: x W gives their sum
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value
+            grad_norm += apply_gradients(run, optimizer)
+            updates += 1
+    sums = dict(zip(totals, run.dist.sum(*totals.values()), strict=True))
+    return {**{key: value / updates for key, value in sums.items()}, "grad_norm": grad_norm / updates}
 
 
 @dataclass
