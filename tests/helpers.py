@@ -18,3 +18,34 @@ def sft_config(model_dir, train_file, output_dir, *overrides, method=None, eval_
     if eval_file is not None:
         sections["data"]["eval"] = str(eval_file)
     return load_config(None, list(overrides), **sections)
+
+
+def rlhf_config(
+    model_dir,
+    output_dir,
+    overrides,
+    objective: dict,
+    train_file,
+    eval_file=None,
+    method=None,
+    train: dict | None = None,
+    eval: dict | None = None,
+):
+    """A small preference or RL run config for recipe tests: the demo data's alpaca template,
+    max length 128, quiet, seed 0; `train` and `eval` add to (or replace) the `train:` and `eval:`
+    sections, `overrides` are `key.sub=value` strings applied last."""
+    from tunelab.config import load_config
+
+    sections = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method or {"name": "full"},
+        "objective": objective,
+        "data": {"train": str(train_file), "template": "alpaca", "max_length": 128},
+        "train": {"progress": False, "seed": 0, **(train or {})},
+        "output_dir": str(output_dir),
+    }
+    if eval is not None:
+        sections["eval"] = eval
+    if eval_file is not None:
+        sections["data"]["eval"] = str(eval_file)
+    return load_config(None, list(overrides), **sections)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
-from tunelab.config import load_config
+from tests.helpers import rlhf_config
 from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.methods import get_method
@@ -25,24 +25,9 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
 def dpo_config(model_dir, output_dir, *overrides, method=None, eval_file=HELD_OUT, **objective):
-    sections = {
-        "model": {"name_or_path": str(model_dir)},
-        "method": method or {"name": "full"},
-        "objective": {"name": "dpo", **objective},
-        "data": {"train": str(PAIRS), "template": "alpaca", "max_length": 128},
-        "train": {
-            "max_steps": 60,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "progress": False,
-            "seed": 0,
-            "log_every": 1,
-        },
-        "output_dir": str(output_dir),
-    }
-    if eval_file is not None:
-        sections["data"]["eval"] = str(eval_file)
-    return load_config(None, list(overrides), **sections)
+    train_section = {"max_steps": 60, "batch_size": 16, "lr": 1e-3, "log_every": 1}
+    objective = {"name": "dpo", **objective}
+    return rlhf_config(model_dir, output_dir, overrides, objective, PAIRS, eval_file, method, train_section)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from tunelab.config import load_config
+from tests.helpers import rlhf_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.rl.rewards import exact_answer, load_reward_function, one_line
 from tunelab.tiny import EOS, SPECIAL_TOKENS
@@ -43,25 +43,11 @@ def grpo_config(model_dir, output_dir, *overrides, method=None, eval_file=None, 
         "beta": 0.04,
         **objective,
     }
-    sections = {
-        "model": {"name_or_path": str(model_dir)},
-        "method": method or {"name": "full"},
-        "objective": objective,
-        "data": {"train": str(PROMPTS), "template": "alpaca", "max_length": 128},
-        "train": {
-            "max_steps": 20,
-            "batch_size": 4,
-            "lr": 5e-3,
-            "schedule": "constant",
-            "progress": False,
-            "seed": 0,
-        },
-        "eval": {"num_examples": 16, "batch_size": 16},
-        "output_dir": str(output_dir),
-    }
-    if eval_file is not None:
-        sections["data"]["eval"] = str(eval_file)
-    return load_config(None, list(overrides), **sections)
+    train = {"max_steps": 20, "batch_size": 4, "lr": 5e-3, "schedule": "constant"}
+    eval_section = {"num_examples": 16, "batch_size": 16}
+    return rlhf_config(
+        model_dir, output_dir, overrides, objective, PROMPTS, eval_file, method, train, eval_section
+    )
 
 
 @pytest.mark.parametrize(("method", "lr"), [({"name": "full"}, 5e-3), (LORA, 1e-2)], ids=["full", "lora"])

@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import tunelab
+from tests.helpers import rlhf_config
 from tunelab.config import load_config
 from tunelab.tiny import EOS, SPECIAL_TOKENS
 from tunelab.training.metrics import read_metrics
@@ -52,25 +53,11 @@ def ppo_config(model_dir, output_dir, *overrides, method=None, eval_file=None, *
         "max_new_tokens": MAX_NEW_TOKENS,
         **objective,
     }
-    sections = {
-        "model": {"name_or_path": str(model_dir)},
-        "method": method or {"name": "full"},
-        "objective": objective,
-        "data": {"train": str(PROMPTS), "template": "alpaca", "max_length": 128},
-        "train": {
-            "max_steps": 20,
-            "batch_size": 16,
-            "lr": 5e-3,
-            "schedule": "constant",
-            "progress": False,
-            "seed": 0,
-        },
-        "eval": {"num_examples": 16, "batch_size": 16},
-        "output_dir": str(output_dir),
-    }
-    if eval_file is not None:
-        sections["data"]["eval"] = str(eval_file)
-    return load_config(None, list(overrides), **sections)
+    train = {"max_steps": 20, "batch_size": 16, "lr": 5e-3, "schedule": "constant"}
+    eval_section = {"num_examples": 16, "batch_size": 16}
+    return rlhf_config(
+        model_dir, output_dir, overrides, objective, PROMPTS, eval_file, method, train, eval_section
+    )
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, LORA], ids=["full", "lora"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tunelab
+from tests.helpers import rlhf_config
 from tunelab.cli import main
-from tunelab.config import load_config
 from tunelab.rl.reward_model import CONFIG_FILE, HEAD_FILE, load_reward_model
 from tunelab.training.metrics import read_metrics
 
@@ -25,24 +25,9 @@ LORA = {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
 def reward_config(
     model_dir, output_dir, *overrides, method=None, train=PAIRS, eval_file=HELD_OUT, **objective
 ):
-    sections = {
-        "model": {"name_or_path": str(model_dir)},
-        "method": method or {"name": "full"},
-        "objective": {"name": "reward", **objective},
-        "data": {"train": str(train), "template": "alpaca", "max_length": 128},
-        "train": {
-            "max_steps": 60,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "progress": False,
-            "seed": 0,
-            "log_every": 1,
-        },
-        "output_dir": str(output_dir),
-    }
-    if eval_file is not None:
-        sections["data"]["eval"] = str(eval_file)
-    return load_config(None, list(overrides), **sections)
+    train_section = {"max_steps": 60, "batch_size": 16, "lr": 1e-3, "log_every": 1}
+    objective = {"name": "reward", **objective}
+    return rlhf_config(model_dir, output_dir, overrides, objective, train, eval_file, method, train_section)
 
 
 @pytest.mark.parametrize(("method", "lr"), [({"name": "full"}, 1e-3), (LORA, 3e-3)], ids=["full", "lora"])
