@@ -29,6 +29,23 @@ import torch
 IGNORE_INDEX = -100
 
 
+def add_workload_arguments(parser) -> None:
+    """The arguments both runners take, with the same defaults: so both train the same workload
+    with the same hyperparameters."""
+    parser.add_argument("--cache", default="benchmarks/.cache")
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-eval", action="store_true")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

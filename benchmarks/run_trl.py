@@ -21,10 +21,10 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 
 def main() -> None:
+    from benchmarks import common
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default="benchmarks/.cache")
-    parser.add_argument("--shape", default="small")
-    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    common.add_workload_arguments(parser)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--packing", action="store_true", help="TRL packing (bfd, padding-free)")
     parser.add_argument(
@@ -33,15 +33,6 @@ def main() -> None:
         action="store_false",
         help="turn off TRL's default activation checkpointing (faster, more memory)",
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-eval", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -50,7 +41,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from benchmarks import common
     from benchmarks.workload import build
 
     started = time.perf_counter()

@@ -24,26 +24,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
+    from benchmarks import common
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", default="benchmarks/.cache")
-    parser.add_argument("--shape", default="small")
-    parser.add_argument("--method", choices=["lora", "full"], default="lora")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-eval", action="store_true")
+    common.add_workload_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="tunelab config overrides, key.sub=value")
     args = parser.parse_args()
 
     import torch
 
     import tunelab
-    from benchmarks import common
     from benchmarks.workload import build
     from tunelab.config import load_config
     from tunelab.data.collate import epoch_batches
