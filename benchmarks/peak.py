@@ -13,18 +13,20 @@ import time
 import torch
 
 SHAPES = [(2048, 2048, 2048), (4096, 4096, 4096), (1536, 512, 1376), (1536, 1376, 512)]
+GPU_SHAPES = [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 896, 4864), (4096, 4864, 896)]
 
 
 def matmul_gflops(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0) -> float:
     """Best GFLOP/s over `SHAPES` for `dtype` on `device`."""
     best = 0.0
-    for m, k, n in SHAPES:
+    shapes = SHAPES if device == "cpu" else GPU_SHAPES
+    for m, k, n in shapes:
         a = torch.randn(m, k, device=device).to(dtype)
         b = torch.randn(k, n, device=device).to(dtype)
         for _ in range(2):
             a @ b
         reps, elapsed = 0, 0.0
-        while elapsed < seconds / len(SHAPES):
+        while elapsed < seconds / len(shapes):
             if device != "cpu":
                 torch.cuda.synchronize()
             start = time.perf_counter()

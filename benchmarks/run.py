@@ -94,11 +94,19 @@ def suites() -> dict[str, list[Spec]]:
         Spec("tunelab lora fast (smollm)", "tunelab", "lora", [*FAST, "--shape", "smollm"]),
     ]
     qwen = ["--shape", "qwen05b", "--device", "cuda"]
-    gpu = [
+    gpu = [  # the runs that matter first: a call that runs out of time keeps the rows already printed
         Spec("trl lora bf16 (qwen05b)", "trl", "lora", ["--precision", "bf16", *qwen]),
+        Spec("trl lora bf16 no-ck (qwen05b)", "trl", "lora", ["--precision", "bf16", nock, *qwen]),
         Spec("tunelab lora fast (qwen05b)", "tunelab", "lora", [*FAST, *qwen]),
         Spec("trl full bf16 (qwen05b)", "trl", "full", ["--precision", "bf16", "--lr", "5e-5", *qwen]),
+        Spec(
+            "trl full bf16 no-ck (qwen05b)",
+            "trl",
+            "full",
+            ["--precision", "bf16", "--lr", "5e-5", nock, *qwen],
+        ),
         Spec("tunelab full fast (qwen05b)", "tunelab", "full", ["--lr", "5e-5", *FAST_FULL, *qwen]),
+        Spec("tunelab lora fast+compile (qwen05b)", "tunelab", "lora", [*FAST, "train.compile=true", *qwen]),
     ]
     return {
         "lora": lora,
@@ -109,6 +117,16 @@ def suites() -> dict[str, list[Spec]]:
         "all": lora + full + smollm,
         "gpu": gpu,
     }
+
+
+def with_option(args: list[str], option: str, value: str | None) -> list[str]:
+    """`args` with `option`'s value replaced by `value` (added where absent; unchanged for None)."""
+    if value is None:
+        return args
+    if option in args:
+        i = args.index(option)
+        return [*args[: i + 1], value, *args[i + 2 :]]
+    return [*args, option, value]
 
 
 def run_one(spec: Spec, common_args: list[str], threads: int | None) -> dict:
@@ -195,7 +213,9 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run the suite N times, keep each run's fastest"
     )
-    parser.add_argument("--json", default=None, help="write all results to this file")
+    parser.add_argument("--json", default=None, help="write all results to this file (after every run)")
+    parser.add_argument("--device", default=None, help="override every run's device (e.g. a CPU dry run)")
+    parser.add_argument("--shape", default=None, help="override every run's model shape")
     args = parser.parse_args()
 
     from benchmarks.workload import build, length_stats
@@ -206,6 +226,8 @@ def main() -> None:
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
         specs = [s for s in specs if any(w == s.name or (not args.exact and w in s.name) for w in wanted)]
+    for spec in specs:
+        spec.args = with_option(with_option(spec.args, "--device", args.device), "--shape", args.shape)
     device = "cuda" if any("cuda" in s.args for s in specs) else "cpu"
     stats = length_stats(build(args.cache, "small"))
     load = os.getloadavg()
@@ -235,6 +257,8 @@ def main() -> None:
             result["round"] = round_
             runs[spec.name].append(result)
             print(row(result, peak) + (f"  (round {round_ + 1})" if args.repeat > 1 else ""), flush=True)
+            if args.json:  # as we go, so that a run cut short keeps what it measured
+                write_json(args.json, peak, stats, device, [], runs)
     results = []
     for tries in runs.values():  # the fastest try of each run; all tries are in the JSON
         best = dict(max(tries, key=lambda r: r["tokens_per_s"]))
@@ -253,12 +277,15 @@ def main() -> None:
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"peak": peak, "workload": stats, "device": device, "results": results, "runs": runs},
-                f,
-                indent=1,
-            )
+        write_json(args.json, peak, stats, device, results, runs)
+
+
+def write_json(path: str, peak: dict, stats: dict, device: str, results: list, runs: dict) -> None:
+    """Every try of every run so far (`runs`) and, at the end, the fastest try of each (`results`)."""
+    with open(path, "w") as f:
+        json.dump(
+            {"peak": peak, "workload": stats, "device": device, "results": results, "runs": runs}, f, indent=1
+        )
 
 
 if __name__ == "__main__":

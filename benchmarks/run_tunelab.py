@@ -11,6 +11,9 @@ config overrides (`key.sub=value`), the performance switches under test.
 Step times come from the run's own `metrics.jsonl`: each row holds the step's real tokens and the
 running tokens/s since the loop started, so the elapsed time at every step is recovered exactly.
 The step's examples (for padding and FLOPs) are recomputed from the seeded batch order.
+
+`BENCH_PROFILE=FILE` runs the training under torch.profiler and writes its operator tables (by self
+CPU time, and by self CUDA time on a GPU) to FILE.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    tunelab.train(config)
+    if os.environ.get("BENCH_PROFILE"):  # a table of the run's operators, by their own time
+        profile_train(tunelab.train, config, os.environ["BENCH_PROFILE"], args.device)
+    else:
+        tunelab.train(config)
     peak = common.peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
 
@@ -125,6 +131,24 @@ def main() -> None:
         batches = common.eval_batches(str(workload.model_dir), str(workload.eval_alpaca))
         result["eval_loss"] = common.eval_loss(model, batches)
     common.emit(result)
+
+
+def profile_train(train, config, path: str, device: str) -> None:
+    """Run `train(config)` under torch.profiler; write the operators sorted by self CPU time and,
+    on CUDA, by self CUDA time to `path` (set-up included: compare operators, not totals)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        train(config)
+    table = prof.key_averages()
+    sections = [table.table(sort_by="self_cpu_time_total", row_limit=35)]
+    if device.startswith("cuda"):
+        sections.append(table.table(sort_by="self_device_time_total", row_limit=35))
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write("\n\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ same examples as unpadded ones, so packing changes the cost of a step, not the s
 
 The attention: `cu_seq_lens_*` are the keywords of FlashAttention's varlen kernels, so on a GPU with
 `flash_attention_2` the packed row runs natively. Everywhere else `use_packed_attention(model)`
-switches the model to `tunelab_packed`, registered here: SDPA run per example (a loop over
-B slices, each with `is_causal=True`), so attention costs sum_i T_i^2 rather than the N^2 of one
-block-diagonal mask (what transformers builds for SDPA from restarting `position_ids` alone).
-Without `cu_seq_lens_q` (ordinary padded batches, generation) it is plain SDPA. On CPU the
-per-example SDPA runs in float32 (PyTorch's CPU flash kernel is faster so than in bfloat16) and
-outside `torch.compile` (the split by lengths is data-dependent).
+switches the model to `tunelab_packed`, registered here, which picks a kernel by device
+(`tunelab/data/packed_kernels.py`): on CPU SDPA per example (a loop over B slices, each with
+`is_causal=True`, in float32), so attention costs sum_i T_i^2 rather than the N^2 of one
+block-diagonal mask (what transformers builds for SDPA from restarting `position_ids` alone); on
+CUDA torch's FlashAttention varlen kernel in one launch (else one masked SDPA call). Without
+`cu_seq_lens_q` (ordinary padded batches, generation) it is plain SDPA. It runs outside
+`torch.compile` (the split by lengths is data-dependent).
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from tunelab.data.packed_kernels import (
+    longest_example,
+    masked_sdpa,
+    per_example_sdpa,
+    varlen_available,
+    varlen_flash,
+)
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
 
@@ -113,24 +121,14 @@ def packed_sdpa_forward(
             "packed attention takes one packed row and no key/value cache (prefix tuning's prefix is one); "
             "turn data.packing off for this method"
         )
-    sizes = (cu_seq_lens[1:] - cu_seq_lens[:-1]).tolist()
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window and max(sizes) > window:
+    if window and longest_example(cu_seq_lens) > window:
         raise TunelabError(f"packed attention has no sliding window; an example is longer than {window}")
-    dtype, device = query.dtype, query.device.type
-    if device == "cpu":  # PyTorch's CPU flash kernel runs faster in float32 than in bfloat16 (+9% a step)
-        query, key, value = query.float(), key.float(), value.float()
-    with torch.autocast(device, enabled=torch.is_autocast_enabled(device) and device != "cpu"):
-        outputs = [
-            torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=True
-            )  # (1, H, T_i, D)
-            for q, k, v in zip(
-                query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), strict=True
-            )
-        ]
-    attn_output = torch.cat(outputs, dim=2).to(dtype)  # (1, H, N, D)
-    return attn_output.transpose(1, 2).contiguous(), None  # (1, N, H, D)
+    if query.is_cuda:
+        if varlen_available(query, dropout):
+            return varlen_flash(query, key, value, cu_seq_lens, scaling), None
+        return masked_sdpa(query, key, value, cu_seq_lens, dropout, scaling), None
+    return per_example_sdpa(query, key, value, cu_seq_lens, dropout, scaling), None
 
 
 def packed_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
