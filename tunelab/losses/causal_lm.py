@@ -23,6 +23,11 @@ checkpointing, which stores only its (n, H) input and recomputes its logits in b
 
 With soft-capping (`c tanh(z / c)`, Gemma 2) the gradient picks up the factor 1 - tanh^2(z / c).
 Under autocast the matmuls run in the autocast dtype and the softmax in float32.
+
+Each chunk makes one pass of exp over its (n, V) logits: p = softmax(z) gives the gradient, and
+the loss lse - z_y = z_max - z_y - log p_max is read off p at the row's largest logit, where
+p_max = exp(z_max - lse) >= 1/V cannot underflow (a separate logsumexp would be a second exp pass:
+measured 75 -> 56 ms for 1,000 targets at V = 8192 on 2 CPU threads, forward and backward).
 """
 
 from __future__ import annotations
@@ -87,16 +92,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, targets.numel(), chunk_size):
                 h = hidden[start : start + chunk_size].to(dtype)  # (n, H)
                 y = targets[start : start + chunk_size]  # (n,)
-                z = F.linear(h, w, b).float()  # (n, V)
+                z = F.linear(h, w, b)  # (n, V), in `dtype`
                 if softcap is not None:
-                    capped = torch.tanh(z / softcap)  # (n, V)
+                    capped = torch.tanh(z.float() / softcap)  # (n, V)
                     z = softcap * capped
-                lse = torch.logsumexp(z, dim=-1)  # (n,)
-                total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+                # One exp pass: p = softmax(z) in float32. The loss lse - z_y is read off p at the
+                # row's argmax, where p_max = exp(z_max - lse) >= 1 / V never underflows:
+                # lse - z_y = z_max - z_y - log p_max.
+                g = torch.softmax(z, dim=-1, dtype=torch.float32)  # p: (n, V)
+                z_max = z.amax(dim=-1).float()  # (n,)
+                z_y = z.gather(1, y[:, None]).squeeze(1).float()  # (n,)
+                total += (z_max - z_y - torch.log(g.amax(dim=-1))).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                g = torch.exp_(z.sub_(lse[:, None]))  # softmax, in place: (n, V)
-                g[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                g[torch.arange(y.numel(), device=y.device), y] -= 1.0  # p - onehot(y)
                 if softcap is not None:
                     g.mul_(1.0 - capped.square_())
                 g_lp = g.to(dtype)  # (n, V)
