@@ -122,3 +122,36 @@ def test_bf16_base_lora_gradients_match_fp32(tiny_model_dirs, packed):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999, name
         worst = max(worst, float((a - b).norm() / a.norm()))
     assert worst < 0.05  # measured: 1.2%
+
+
+def test_optimizer_is_fused_and_steps_like_plain_adamw():
+    """build_optimizer takes the fused AdamW kernel on CPU; its steps equal the default
+    implementation's (decay on matrices only) up to rounding."""
+    from tunelab.config import TrainConfig
+    from tunelab.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    start = [p.detach().clone() for p in model.parameters()]
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    matrices = [p for p in twin.parameters() if p.ndim >= 2]
+    others = [p for p in twin.parameters() if p.ndim < 2]
+    plain = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+        lr=1e-2,
+        betas=tuple(cfg.betas),
+        foreach=False,
+    )
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        for net, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), start, strict=True))  # it trained
