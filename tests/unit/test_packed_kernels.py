@@ -17,8 +17,11 @@ SIZES = (5, 9, 1, 7)
 def qkv(heads=4, kv_heads=2, dim=8, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     n = sum(SIZES)
-    make = lambda h: torch.randn(1, h, n, dim, generator=g).to(device, dtype).requires_grad_()  # noqa: E731
-    cu = torch.tensor([0, *SIZES], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+
+    def make(h):  # (1, h, N, dim)
+        return torch.randn(1, h, n, dim, generator=g).to(device, dtype).requires_grad_()
+
+    cu = torch.tensor([0, *SIZES]).cumsum(0).to(torch.int32).to(device)  # (B + 1,)
     return make(heads), make(kv_heads), make(kv_heads), cu
 
 
