@@ -23,7 +23,9 @@ The longest example and the mask are computed once per packed batch and reused b
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,32 +96,35 @@ def masked_sdpa(query, key, value, cu, dropout: float, scale: float | None) -> t
     return out.transpose(1, 2).contiguous()
 
 
+@functools.cache
+def _varlen() -> tuple[Callable, dict, bool] | None:
+    """torch's `varlen_attn`, the keywords that make it causal, and whether it takes `enable_gqa`
+    (its keywords changed between releases: read once from its signature); None before PyTorch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
 def varlen_available(query: torch.Tensor, dropout: float) -> bool:
     """Can `varlen_flash` run here: CUDA, a half dtype (itself or by autocast), no dropout, and a
     PyTorch that has the kernel."""
     if not query.is_cuda or dropout:
         return False
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return dtype in (torch.float16, torch.bfloat16) and _varlen() is not None
 
 
 def varlen_flash(query, key, value, cu, scale: float | None) -> torch.Tensor:
     """FlashAttention over the packed row in one launch. Returns (1, N, H, D) in the half dtype
     (autocast's, as SDPA under autocast would)."""
-    from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn, causal, takes_gqa = _varlen()
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    params = inspect.signature(varlen_attn).parameters  # its keywords changed between releases
-    options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "enable_gqa" in params:
-        options["enable_gqa"] = True
-    else:
+    options = {**causal, "enable_gqa": True} if takes_gqa else causal
+    if not takes_gqa:
         key, value = _repeat_kv(query, key, value)
     longest = longest_example(cu)
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (N, H or Hkv, D)
