@@ -189,7 +189,7 @@ def run(config: RunConfig) -> dict:
         )
 
         # Figures of the global batch: sums over ranks / completions or groups.
-        grouped = scores.view(-1, group)
+        group_std = scores.view(-1, group).std(dim=1)  # (N / G,)
         local = {
             "reward": scores.sum(),
             "completion_length": mask.sum(),
@@ -197,8 +197,8 @@ def run(config: RunConfig) -> dict:
             **{f"reward/{name}": values.sum() for name, values in parts.items()},
         }
         per_group = {
-            "reward_std": grouped.std(dim=1).sum(),
-            "zero_std_fraction": (grouped.std(dim=1) == 0).float().sum(),
+            "reward_std": group_std.sum(),
+            "zero_std_fraction": (group_std == 0).float().sum(),
         }
         count, groups, *values = run_.dist.sum(
             n, n // group, *(float(v) for v in (*local.values(), *per_group.values()))
