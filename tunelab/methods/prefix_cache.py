@@ -95,7 +95,8 @@ def output_cache(outputs: object) -> object:
             if name in outputs.__dataclass_fields__:
                 return outputs.get(name)
         return None
-    return getattr(outputs, "cache", None) or getattr(outputs, LEGACY_CACHE_ARGUMENT, None)
+    cache = getattr(outputs, "cache", None)  # not `or`: an empty Cache has length 0, so is falsy
+    return cache if cache is not None else getattr(outputs, LEGACY_CACHE_ARGUMENT, None)
 
 
 def drop_output_cache(outputs: object, cache: object) -> object:
