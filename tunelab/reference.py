@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from tunelab.models import no_logits
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens, as `generate` does: (B, T) -> (B, T)."""
@@ -45,7 +47,7 @@ def final_hidden(
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         output_hidden_states=True,
-        logits_to_keep=1,
+        logits_to_keep=no_logits(input_ids.device),
         use_cache=False,
     )
     return out.hidden_states[-1]

@@ -107,9 +107,18 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if self.merged or not self.enabled:
             return y
-        if not torch.is_autocast_enabled(x.device.type):  # autocast casts x and A itself
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:  # autocast casts x and A itself
             x = x.to(self.lora_A.weight.dtype)
         h = self.lora_A(self.lora_dropout(x))  # (..., r)
+        if autocast or h.dtype == y.dtype:
+            # y + s h B^T in one addmm: the product accumulates straight into a copy of y, one
+            # pass over the (..., out) output instead of a matmul's output, then an add.
+            out = torch.addmm(
+                y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.lora_B.weight.t(), alpha=self.scaling
+            )
+            return out.view(y.shape)  # (..., out)
+        # A half-precision base without autocast: the update is computed in float32 and cast back.
         # s B h = B (s h): scaling the r-wide h costs out / r times less than scaling B h.
         return y + self.lora_B(h * self.scaling).to(y.dtype)  # (..., out)
 
