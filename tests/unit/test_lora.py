@@ -61,6 +61,38 @@ def test_linear_layer_matches_formula():
     assert layer.base_layer is base and not layer.merged
 
 
+def test_linear_layer_under_autocast_matches_formula_and_its_gradients():
+    """Under bf16 autocast the update is one addmm into the base output; output and the gradients
+    of x, A and B agree with the formula evaluated in float64 (to bf16's precision)."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(torch.bfloat16)
+    layer = LoRALinear(base, r=8, alpha=32)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)  # (B, T, in)
+    grad_out = torch.randn(2, 5, 48)  # (B, T, out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y.float() * grad_out).sum().backward()
+
+    W, b = base.weight.double(), base.bias.double()
+    A = layer.lora_A.weight.detach().double().requires_grad_()  # (r, in)
+    B = layer.lora_B.weight.detach().double().requires_grad_()  # (out, r)
+    x64 = x.detach().double().requires_grad_()
+    expected = x64 @ W.T + b + (32 / 8) * (x64 @ A.T @ B.T)  # (B, T, out)
+    (expected * grad_out.double()).sum().backward()
+    peak = expected.abs().max()
+    torch.testing.assert_close(y.double() / peak, expected / peak, rtol=0, atol=1e-2)
+    for got, want in (
+        (x.grad, x64.grad),
+        (layer.lora_A.weight.grad, A.grad),
+        (layer.lora_B.weight.grad, B.grad),
+    ):
+        assert got.dtype == (torch.bfloat16 if got is x.grad else torch.float32)
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=2e-2)
+
+
 def test_conv1d_layer_matches_formula_and_merges_transposed():
     """GPT-2's Conv1D stores W as (in, out) and computes x W + b; the delta is merged as (B A)^T."""
     torch.manual_seed(0)

@@ -24,7 +24,9 @@ models `fan_in_fan_out: true`); only the merged delta is transposed: W <- W + s 
 Where we depart from the paper: the paper adapts only W_q and W_v and has no dropout on the
 LoRA path; dropout on the input of A follows PEFT and the paper's released code. When the base
 weights are float16/bfloat16, A and B are kept in float32 (as PEFT does by default): the input is
-cast to float32 for the low-rank path and the update is cast back to the base's dtype.
+cast to float32 for the low-rank path and the update is cast back to the base's dtype. Under
+autocast (and whenever the dtypes agree) the update is added by one `addmm`, y + s h B^T with
+h = A dropout(x), so it accumulates into the base output instead of being written out and added.
 
 `SavedModule` serves `modules_to_save`: a module trained in full (e.g. `lm_head`, a reward head).
 It keeps the original frozen and trains a copy, so that disabling the method gives the base model
