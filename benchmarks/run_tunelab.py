@@ -134,16 +134,19 @@ def main() -> None:
 
 
 def profile_train(train, config, path: str, device: str) -> None:
-    """Run `train(config)` under torch.profiler; write the operators sorted by self CPU time and,
-    on CUDA, by self CUDA time to `path` (set-up included: compare operators, not totals)."""
+    """Run `train(config)` under torch.profiler; write the operators sorted by self CPU time (then
+    split by input shapes) and, on CUDA, by self CUDA time to `path` (set-up included: compare
+    operators, not totals)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         train(config)
     table = prof.key_averages()
     sections = [table.table(sort_by="self_cpu_time_total", row_limit=35)]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    sections.append(by_shape.table(sort_by="self_cpu_time_total", row_limit=400))
     if device.startswith("cuda"):
         sections.append(table.table(sort_by="self_device_time_total", row_limit=35))
         torch.cuda.synchronize()
