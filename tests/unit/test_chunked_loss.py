@@ -14,6 +14,8 @@ from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.evaluate import model_lm_loss_sum
 from tunelab.losses.causal_lm import chunked_lm_loss_sum, lm_loss_sum
+from tunelab.models import no_logits
+from tunelab.tiny import ARCHITECTURES
 
 
 class Doubled(torch.nn.Module):
@@ -140,3 +142,16 @@ def test_model_loss_chunked_equals_full_logits(tiny_model_dirs, arch):
     torch.testing.assert_close(chunked, full)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_no_logits_keeps_no_position_and_the_same_hidden_states(tiny_model_dirs, arch):
+    """`logits_to_keep=no_logits(...)` (what the loss-from-hidden forwards pass) works on every
+    architecture: zero positions of logits, and the final hidden states of a plain forward."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch])
+    ids = torch.randint(10, model.config.vocab_size, (2, 7))  # (B, T)
+    with torch.no_grad():
+        plain = model(input_ids=ids, output_hidden_states=True)
+        none = model(input_ids=ids, output_hidden_states=True, logits_to_keep=no_logits(ids.device))
+    assert none.logits.shape[:2] == (2, 0) and plain.logits.shape[:2] == (2, 7)
+    torch.testing.assert_close(none.hidden_states[-1], plain.hidden_states[-1], rtol=0, atol=0)
