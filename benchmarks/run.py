@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -170,9 +171,22 @@ def row(result: dict, peak: dict) -> str:
     )
 
 
-def ratios(results: list[dict], method: str) -> list[str]:
+def round_ratios(runs: dict[str, list[dict]], ours: str, peer: str) -> list[float]:
+    """tokens/s of run `ours` over run `peer`, try by try within each round (neighbours in time)."""
+    peer_by_round = {t["round"]: t["tokens_per_s"] for t in runs.get(peer, [])}
+    return [
+        t["tokens_per_s"] / peer_by_round[t["round"]]
+        for t in runs.get(ours, [])
+        if t["round"] in peer_by_round
+    ]
+
+
+def ratios(results: list[dict], method: str, runs: dict[str, list[dict]] | None = None) -> list[str]:
     """Every tunelab run of `method` against TRL's fastest run with its default settings (gradient
-    checkpointing on: the setting of the issue's peer numbers) and against TRL's fastest run."""
+    checkpointing on: the setting of the issue's peer numbers) and against TRL's fastest run.
+
+    With several tries (`runs`, --repeat), also the ratio of each round's tries and their median:
+    the best-of-N ratio favours whichever side had the luckiest try on a noisy machine."""
     peers = [r for r in results if r["trainer"] == "trl" and r["method"] == method]
     ours = [r for r in results if r["trainer"] == "tunelab" and r["method"] == method]
     if not peers or not ours:
@@ -196,6 +210,13 @@ def ratios(results: list[dict], method: str) -> list[str]:
                 f"memory x{memory_mb(r) / memory_mb(peer):.2f}{evals}  "
                 f"train loss (last 5) {100 * (_loss(r) / _loss(peer) - 1):+.2f}%"
             )
+            per_round = round_ratios(runs or {}, r["name"], peer["name"])
+            if len(per_round) > 1:
+                lines.append(
+                    f"  {'':30s} tokens/s by round "
+                    + " ".join(f"x{x:.2f}" for x in per_round)
+                    + f", median x{statistics.median(per_round):.2f}"
+                )
     return lines
 
 
@@ -272,7 +293,7 @@ def main() -> None:
     for shape in ("small", "smollm", "qwen05b"):
         of_shape = [r for r in results if r.get("shape", "small") == shape]
         for method in ("lora", "full"):
-            for line in ratios(of_shape, method):
+            for line in ratios(of_shape, method, runs):
                 print(f"[{shape}] " + line)
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
