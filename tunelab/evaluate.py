@@ -20,7 +20,7 @@ from tunelab.data.formats import Conversation
 from tunelab.data.packing import model_inputs
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.losses.causal_lm import chunked_lm_loss_sum, lm_loss_sum
-from tunelab.models import no_logits
+from tunelab.models import final_hidden_states
 
 
 def model_lm_loss_sum(
@@ -32,10 +32,7 @@ def model_lm_loss_sum(
     if not chunked:
         logits = model(**model_inputs(batch, attention), use_cache=False).logits  # (B, T, V)
         return lm_loss_sum(logits, batch["labels"])
-    inputs = model_inputs(batch, attention)
-    logits_to_keep = no_logits(inputs["input_ids"].device)
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=logits_to_keep, use_cache=False)
-    hidden = out.hidden_states[-1]  # (B, T, H), after the final norm
+    hidden = final_hidden_states(model, **model_inputs(batch, attention))  # (B, T, H)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return chunked_lm_loss_sum(hidden, model.get_output_embeddings(), batch["labels"], chunk_size, softcap)
 

@@ -79,3 +79,12 @@ def no_logits(device: torch.device) -> torch.Tensor:
     copied the whole transposed (H, V) head weight every step (5.5 ms at H = 512, V = 8192, bf16).
     """
     return torch.empty(0, dtype=torch.long, device=device)  # (0,) positions
+
+
+def final_hidden_states(model: PreTrainedModel, **inputs) -> torch.Tensor:
+    """Final-norm hidden states of a forward pass on `inputs` that computes no logits: (B, T, H).
+    For callers that compute their loss or head from the hidden states (chunked LM loss, reference
+    log-probabilities, reward and value heads)."""
+    device = inputs["input_ids"].device
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits(device), use_cache=False)
+    return out.hidden_states[-1]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from tunelab.models import no_logits
+from tunelab.models import final_hidden_states
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,15 +42,9 @@ def final_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Final-norm hidden states of every position: (B, T) -> (B, T, H)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=True,
-        logits_to_keep=no_logits(input_ids.device),
-        use_cache=False,
+    return final_hidden_states(
+        model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
     )
-    return out.hidden_states[-1]
 
 
 def logprobs_from_hidden(
