@@ -109,20 +109,24 @@ def _varlen() -> tuple[Callable, dict, bool] | None:
     return varlen_attn, causal, "enable_gqa" in params
 
 
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in on CUDA: autocast's when it is on, else the query's."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+
+
 def varlen_available(query: torch.Tensor, dropout: float) -> bool:
     """Can `varlen_flash` run here: CUDA, a half dtype (itself or by autocast), no dropout, and a
     PyTorch that has the kernel."""
     if not query.is_cuda or dropout:
         return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
-    return dtype in (torch.float16, torch.bfloat16) and _varlen() is not None
+    return _compute_dtype(query) in (torch.float16, torch.bfloat16) and _varlen() is not None
 
 
 def varlen_flash(query, key, value, cu, scale: float | None) -> torch.Tensor:
     """FlashAttention over the packed row in one launch. Returns (1, N, H, D) in the half dtype
     (autocast's, as SDPA under autocast would)."""
     varlen_attn, causal, takes_gqa = _varlen()
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    dtype = _compute_dtype(query)
     options = {**causal, "enable_gqa": True} if takes_gqa else causal
     if not takes_gqa:
         key, value = _repeat_kv(query, key, value)
