@@ -13,7 +13,7 @@ running tokens/s since the loop started, so the elapsed time at every step is re
 The step's examples (for padding and FLOPs) are recomputed from the seeded batch order.
 
 `BENCH_PROFILE=FILE` runs the training under torch.profiler and writes its operator tables (by self
-CPU time, and by self CUDA time on a GPU) to FILE.
+CPU time, the same split by input shapes, and by self CUDA time on a GPU) to FILE.
 """
 
 from __future__ import annotations
