@@ -89,6 +89,9 @@ class DataConfig:
     """A system message put before every chat/instruction prompt."""
     packing: bool = False
     """Pack several examples into each row (padding-free), with attention that cannot cross examples."""
+    native_attention: bool = True
+    """With packing on CPU, attend through tunelab's C++ kernel (float32, built at first use; SDPA
+    where it cannot be built). False keeps PyTorch's SDPA, one call per example."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); order stays seeded and resumable."""
 

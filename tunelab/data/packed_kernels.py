@@ -9,7 +9,9 @@ example i,
 and returns (1, N, H, D), the layout of transformers' attention functions. Three ways, by device:
 
 - `per_example_sdpa` (CPU): one causal SDPA call per example; costs sum_i T_i^2. On CPU it runs in
-  float32, where PyTorch's flash kernel is faster than in bfloat16 (+9% a step, measured).
+  float32, where PyTorch's flash kernel is faster than in bfloat16 (+9% a step, measured). Packed
+  attention on CPU takes tunelab's C++ kernel first (`cpu_attention.py`, the same float32
+  arithmetic, 1.15x a step); this loop serves where that kernel does not apply or build.
 - `varlen_flash` (CUDA, bf16/fp16): torch's FlashAttention varlen kernel
   (`torch.nn.attention.varlen.varlen_attn`, PyTorch >= 2.10), one launch for the whole row.
   Measured on an H200 (BENCHMARKS.md): 8,501 real tokens/s against 1,515 for the per-example

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.config import RunConfig
+from tunelab.data import cpu_attention
 from tunelab.data.collate import batch_stream, count_targets, pad_batch
 from tunelab.data.dataset import prepare_data
-from tunelab.data.packing import pack_batch, to_device, use_packed_attention
+from tunelab.data.packing import PACKED_ATTENTION, pack_batch, to_device, use_packed_attention
 from tunelab.data.packing import real_tokens as count_real_tokens
 from tunelab.evaluate import evaluate_loss, exact_match, model_lm_loss_sum
 from tunelab.methods import count_parameters
@@ -38,7 +39,12 @@ def run(config: RunConfig) -> dict:
     report_data(run_, len(data.train.examples), eval_count, "examples", details, data.notes)
 
     if cfg.data.packing:
-        attention = use_packed_attention(model)
+        attention = use_packed_attention(model, native=cfg.data.native_attention)
+        if attention == PACKED_ATTENTION and run_.device.type == "cpu":
+            kernel = (
+                "C++ kernel" if cpu_attention.build() else "SDPA per example: the C++ kernel did not build"
+            )
+            attention = f"{attention} ({kernel})"
         run_.print(f"[tunelab] packing: one padding-free row per micro-batch, {attention} attention")
     train_examples = data.train.examples
     lengths = [len(e.input_ids) for e in train_examples]

@@ -1,0 +1,99 @@
+"""Packed attention's native CPU kernel: causal attention within each example, in float32, written
+in C++ (`cpu_attention.cpp`) and compiled at first use.
+
+For example i with rows c_{i-1} .. c_i - 1, a query head's q (T, D), its key/value head's k, v (T, D)
+and scale c, token t gets
+
+    s_tj = c q_t . k_j  (j <= t),   P_tj = exp(s_tj - lse_t),   lse_t = log sum_{j<=t} exp(s_tj),
+    out_t = sum_j P_tj v_j
+
+and backward, from dO, recomputes P from the saved lse (nothing of size T^2 is stored):
+
+    d_t = dO_t . out_t,   dS_tj = P_tj (dO_t . v_j - d_t),
+    dq_t = c sum_j dS_tj k_j,   dk_j = c sum_t dS_tj q_t,   dv_j = sum_t P_tj dO_t
+
+summing dk and dv over the query heads that share a key/value head. It is the per-example flash
+loop's arithmetic (`packed_kernels.per_example_sdpa`, also float32), arranged for short examples:
+PyTorch's CPU flash kernel works in blocks of 32-64 queries with a matrix-library call per block,
+and reaches about 26 GFLOP/s a thread on this project's benchmark CPU; the kernel here keeps
+8 queries x 32 keys in registers. Measured there (BENCHMARKS.md): a layer's attention forward and
+backward 14.7 against 23.5 ms on 2 threads, 16.2 against 28.7 on one.
+
+It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja, about 25 s once per machine;
+the build is cached in torch's extensions folder) for head dims 16, 32, 64 and 128. Where it cannot
+be built or does not apply, packed attention keeps the per-example SDPA loop (`kernel_available`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+HEAD_DIMS = (16, 32, 64, 128)
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _extension():
+    """The compiled kernel module, or None where it cannot be built (the reason is logged once)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
+        # -fopenmp: ATen's parallel_for is inline OpenMP code; it runs on the OpenMP runtime that
+        # torch has already loaded, so the kernel uses torch's threads.
+        flags = ["-O3", native, "-fopenmp"]
+        return load(name="tunelab_cpu_attention", sources=[str(SOURCE)], extra_cflags=flags)
+    except Exception as error:  # no compiler, no ninja, an unsupported platform: keep SDPA
+        log.warning("tunelab: the native CPU attention kernel could not be built (%s); using SDPA", error)
+        return None
+
+
+def build() -> bool:
+    """Build (or load the cached build of) the kernel now, rather than in the first training step.
+    Returns whether it is available."""
+    return _extension() is not None
+
+
+def kernel_available(query: torch.Tensor, dropout: float) -> bool:
+    """Can the native kernel attend for `query` (1, H, N, D): CPU, no dropout, a supported head dim,
+    and a kernel that builds here."""
+    return (
+        query.device.type == "cpu"
+        and not dropout
+        and query.shape[-1] in HEAD_DIMS
+        and _extension() is not None
+    )
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    """q (N, H, D), k/v (N, Hkv, D) in any float dtype -> (N, H, D) in q's dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, scale: float):
+        dtype = q.dtype
+        q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))  # (N, heads, D)
+        out, lse = _extension().forward(q32, k32, v32, cu, scale)  # (N, H, D), (H, N)
+        ctx.save_for_backward(q32, k32, v32, out, lse, cu)
+        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q32, k32, v32, out, lse, cu = ctx.saved_tensors
+        grad = grad_out.to(torch.float32).contiguous()  # (N, H, D)
+        dq, dk, dv = _extension().backward(q32, k32, v32, out, grad, lse, cu, ctx.scale)
+        return (*(g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True)), None, None)
+
+
+def packed_native(query, key, value, cu, scale: float | None) -> torch.Tensor:
+    """Attention within each example of a packed row: query (1, H, N, D), key/value (1, Hkv, N, D),
+    offsets cu (B + 1,). Returns (1, N, H, D) in query's dtype."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D)
+    return _PackedCausalAttention.apply(q, k, v, cu.to(torch.int64), scale).unsqueeze(0)
