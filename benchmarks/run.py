@@ -80,6 +80,7 @@ def suites() -> dict[str, list[Spec]]:
         Spec("  - packing + group_by_length", "tunelab", "lora", [*FAST[1:], "data.group_by_length=true"]),
         Spec("  - bf16 base (fp32 base)", "tunelab", "lora", [FAST[0], FAST[2]]),
         Spec("  - chunked loss", "tunelab", "lora", [*FAST, "train.chunked_loss=false"]),
+        Spec("  - native attention (SDPA)", "tunelab", "lora", [*FAST, "data.native_attention=false"]),
         Spec(
             "  - oneDNN cache bound",
             "tunelab",
