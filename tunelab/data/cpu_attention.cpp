@@ -12,7 +12,7 @@
 // Within a task, query rows go in blocks of R = 8 against key blocks of JB = 32:
 //   S = (scale q) K^T      8 x 32 tile, 16 vector accumulators, one K tile row per d
 //   P = exp(S - lse)       16 lanes at a time (exp16), causal keys only
-//   O = P V                4 rows x D at a time
+//   O = P V                4 rows x D at a time (2 rows for D = 128)
 // Vectors are GCC/Clang vector types of 16 floats, which the compiler maps onto the machine's SIMD
 // registers (one AVX-512 register, two AVX2 registers, four NEON ones).
 
