@@ -21,13 +21,14 @@ packed row of eight examples (1,290 tokens, 8 heads of 64), forward and backward
 9.2 against 16.7 ms; a whole LoRA training step 1.15x.
 
 It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja, about 25 s once per machine;
-the build is cached in torch's extensions folder) for head dims 16, 32, 64 and 128. Where it cannot
+the build is cached in torch's extensions folder, per CPU type) for head dims 16, 32, 64 and 128. Where it cannot
 be built or does not apply, packed attention keeps the per-example SDPA loop (`kernel_available`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import platform
 from pathlib import Path
@@ -37,6 +38,19 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)
 log = logging.getLogger(__name__)
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction sets: the build uses -march=native, so a cached build
+    (torch's extensions folder may sit in a home directory shared between machines) is only reused
+    on a CPU with the same flags."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
 @functools.cache
@@ -49,7 +63,7 @@ def _extension():
         # -fopenmp: ATen's parallel_for is inline OpenMP code; it runs on the OpenMP runtime that
         # torch has already loaded, so the kernel uses torch's threads.
         flags = ["-O3", native, "-fopenmp"]
-        return load(name="tunelab_cpu_attention", sources=[str(SOURCE)], extra_cflags=flags)
+        return load(name=f"tunelab_cpu_attention_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags)
     except Exception as error:  # no compiler, no ninja, an unsupported platform: keep SDPA
         log.warning("tunelab: the native CPU attention kernel could not be built (%s); using SDPA", error)
         return None
