@@ -52,7 +52,6 @@ from tunelab.errors import TunelabError
 PACKED_ATTENTION = "tunelab_packed"
 PACKED_ATTENTION_SDPA = "tunelab_packed_sdpa"
 FLASH_VARLEN = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
-NATIVE_VARLEN = (*FLASH_VARLEN, PACKED_ATTENTION, PACKED_ATTENTION_SDPA)
 PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
