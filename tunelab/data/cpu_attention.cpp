@@ -97,15 +97,20 @@ void for_each_task(const Examples& ex, F body) {
 }
 
 // K (or V) rows of one example and key/value head, packed as tiles of JB keys: tile t holds
-// x[t * JB + jj][d] at t * D * JB + d * JB + jj (zero beyond T). Also the plain rows if `rows`.
+// x[t * JB + jj][d] at t * D * JB + d * JB + jj (zero beyond T).
 template <int D>
-void pack_keys(const float* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* tiles, float* rows) {
+void pack_tiles(const float* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* tiles) {
   for (int64_t j = 0; j < T; ++j) {
     const float* x = src + ((c0 + j) * kv_heads + kvh) * D;
     float* tile = tiles + (j / JB) * (D * JB) + (j % JB);
     for (int d = 0; d < D; ++d) tile[d * JB] = x[d];
-    if (rows) std::memcpy(rows + j * D, x, D * sizeof(float));
   }
+}
+
+// The same rows, plain: rows[j * D + d].
+template <int D>
+void copy_rows(const float* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* rows) {
+  for (int64_t j = 0; j < T; ++j) std::memcpy(rows + j * D, src + ((c0 + j) * kv_heads + kvh) * D, D * sizeof(float));
 }
 
 // out[r][j] = sum_d a[r][d] tiles[j][d] for r < R, j < jmax (rounded up to JB), into out (R x Tp).
@@ -173,8 +178,8 @@ std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor
     const int64_t e = task / Hkv, kvh = task % Hkv, c0 = ex.start[e], T = ex.start[e + 1] - c0;
     const int64_t Tp = (T + JB - 1) / JB * JB;
     std::vector<float> k_tiles(D * Tp, 0.f), v_rows(Tp * D, 0.f), s(R * Tp);
-    pack_keys<D>(kp, c0, T, Hkv, kvh, k_tiles.data(), nullptr);
-    for (int64_t j = 0; j < T; ++j) std::memcpy(&v_rows[j * D], vp + ((c0 + j) * Hkv + kvh) * D, D * sizeof(float));
+    pack_tiles<D>(kp, c0, T, Hkv, kvh, k_tiles.data());
+    copy_rows<D>(vp, c0, T, Hkv, kvh, v_rows.data());
     for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
       for (int64_t i0 = 0; i0 < T; i0 += R) {
         const int64_t rows = std::min<int64_t>(R, T - i0), jmax = i0 + rows;
@@ -236,8 +241,9 @@ std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tenso
     const int64_t Tp = (T + JB - 1) / JB * JB;
     std::vector<float> k_tiles(D * Tp, 0.f), v_tiles(D * Tp, 0.f), k_rows(Tp * D, 0.f);
     std::vector<float> p(R * Tp), dp(R * Tp), dk_acc(T * D, 0.f), dv_acc(T * D, 0.f);
-    pack_keys<D>(kp, c0, T, Hkv, kvh, k_tiles.data(), k_rows.data());
-    pack_keys<D>(vp, c0, T, Hkv, kvh, v_tiles.data(), nullptr);
+    pack_tiles<D>(kp, c0, T, Hkv, kvh, k_tiles.data());
+    copy_rows<D>(kp, c0, T, Hkv, kvh, k_rows.data());
+    pack_tiles<D>(vp, c0, T, Hkv, kvh, v_tiles.data());
     for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
       for (int64_t i0 = 0; i0 < T; i0 += R) {
         const int64_t rows = std::min<int64_t>(R, T - i0), jmax = i0 + rows;
