@@ -125,7 +125,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     if not args.no_eval:
-        from tunelab.methods import load_trained
+        from tunelab.trained import load_trained
 
         model, _, _ = load_trained(out / "final", dtype="float32", device=args.device)
         batches = common.eval_batches(str(workload.model_dir), str(workload.eval_alpaca))

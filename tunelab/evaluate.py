@@ -17,24 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.data.collate import count_targets, left_pad, pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation
-from tunelab.data.packing import model_inputs
 from tunelab.data.tokenize import TokenizedExample
-from tunelab.losses.causal_lm import chunked_lm_loss_sum, lm_loss_sum
-from tunelab.models import final_hidden_states
-
-
-def model_lm_loss_sum(
-    model: PreTrainedModel, batch: dict, chunk_size: int = 1024, chunked: bool = True
-) -> torch.Tensor:
-    """Summed next-token loss of a padded or packed batch (`tunelab.data.packing`). `chunked`:
-    logits only at target positions, in chunks (`chunked_lm_loss_sum`); else the full (B, T, V) logits."""
-    attention = model.config._attn_implementation
-    if not chunked:
-        logits = model(**model_inputs(batch, attention), use_cache=False).logits  # (B, T, V)
-        return lm_loss_sum(logits, batch["labels"])
-    hidden = final_hidden_states(model, **model_inputs(batch, attention))  # (B, T, H)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    return chunked_lm_loss_sum(hidden, model.get_output_embeddings(), batch["labels"], chunk_size, softcap)
+from tunelab.logprobs import model_lm_loss_sum
 
 
 @torch.no_grad()

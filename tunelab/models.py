@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -88,3 +89,12 @@ def final_hidden_states(model: PreTrainedModel, **inputs) -> torch.Tensor:
     device = inputs["input_ids"].device
     out = model(**inputs, output_hidden_states=True, logits_to_keep=no_logits(device), use_cache=False)
     return out.hidden_states[-1]
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (policy, reference and rollouts then agree; as TRL does)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import tunelab
 from tests.distributed.launch import assert_close_weights, launch, metric, write_config
 from tests.helpers import sft_config
-from tunelab.methods import load_trained
+from tunelab.trained import load_trained
 from tunelab.training.metrics import read_metrics
 
 COMMON = ["train.max_steps=6", "train.save_every=3", "train.lr=3e-3"]

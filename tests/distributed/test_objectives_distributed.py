@@ -26,7 +26,7 @@ from tests.recipes.test_dpo import dpo_config
 from tests.recipes.test_grpo import grpo_config
 from tests.recipes.test_ppo import ppo_config
 from tests.recipes.test_reward import reward_config
-from tunelab.methods import load_trained
+from tunelab.trained import load_trained
 from tunelab.training.metrics import read_metrics
 
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}

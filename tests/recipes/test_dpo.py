@@ -14,8 +14,9 @@ import tunelab
 from tests.helpers import rlhf_config
 from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import TokenizedExample
+from tunelab.logprobs import sequence_logprobs
 from tunelab.methods import get_method
-from tunelab.reference import Reference, reference_sequence_logprobs, sequence_logprobs
+from tunelab.reference import Reference, reference_sequence_logprobs
 from tunelab.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import tunelab
 from tests.helpers import sft_config
 from tunelab.data.collate import pad_batch
 from tunelab.data.dataset import prepare_data
-from tunelab.evaluate import model_lm_loss_sum
+from tunelab.logprobs import model_lm_loss_sum
 from tunelab.training.metrics import read_metrics
 
 

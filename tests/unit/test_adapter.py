@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tunelab.errors import TunelabError
-from tunelab.methods import adapter, count_parameters, get_method, load_trained, trainable_parameters
+from tunelab.methods import adapter, count_parameters, get_method, trainable_parameters
 from tunelab.methods.adapter_module import AdapterLayer, BottleneckAdapter, adapter_parameter_count
+from tunelab.trained import load_trained
 
 ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 

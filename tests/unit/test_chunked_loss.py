@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-from tunelab.evaluate import model_lm_loss_sum
+from tunelab.logprobs import model_lm_loss_sum
 from tunelab.losses.causal_lm import chunked_lm_loss_sum, lm_loss_sum
 from tunelab.models import no_logits
 from tunelab.tiny import ARCHITECTURES

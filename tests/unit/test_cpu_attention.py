@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import tunelab
 from tests.helpers import sft_config
-from tunelab.data import cpu_attention
-from tunelab.data.packing import PACKED_ATTENTION, PACKED_ATTENTION_SDPA, packed_sdpa_forward
+from tunelab.kernels import cpu_attention
+from tunelab.kernels.packed_attention import PACKED_ATTENTION, PACKED_ATTENTION_SDPA, packed_sdpa_forward
 from tunelab.training.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
+from tunelab import inspection, merging
 from tunelab.commands import inspect as inspect_command
 from tunelab.commands import merge as merge_command
 from tunelab.errors import TunelabError
@@ -348,14 +349,14 @@ def test_merge_keeps_the_base_dtype(tiny_model_dirs, tiny_tokenizer, tmp_path):
     expected = logits(model)
     lora.save(model, options, tmp_path / "adapter", str(bf16_base))
 
-    merge_command.merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # tokenizer: the base's
+    merging.merge_adapter(tmp_path / "adapter", tmp_path / "merged")  # tokenizer: the base's
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16
     assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == len(tiny_tokenizer)
     weights = load_file(tmp_path / "merged" / "model.safetensors")
     assert weights["transformer.h.0.attn.c_attn.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(logits(merged), expected, atol=0.05, rtol=0.05)
-    merge_command.merge_adapter(tmp_path / "adapter", tmp_path / "merged32", dtype="float32")
+    merging.merge_adapter(tmp_path / "adapter", tmp_path / "merged32", dtype="float32")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged32").dtype == torch.float32
 
 
@@ -366,9 +367,9 @@ def test_merge_refuses_what_is_not_lora(tiny_model_dirs, tmp_path):
         json.dumps({"tunelab_method": "adapter", "base_model_name_or_path": str(tiny_model_dirs["llama"])})
     )
     with pytest.raises(TunelabError, match="'adapter' adapter cannot be merged.*nonlinearity"):
-        merge_command.merge_adapter(adapter, tmp_path / "out")
+        merging.merge_adapter(adapter, tmp_path / "out")
     with pytest.raises(TunelabError, match="already holds a full model"):
-        merge_command.merge_adapter(tiny_model_dirs["llama"], tmp_path / "out")
+        merging.merge_adapter(tiny_model_dirs["llama"], tmp_path / "out")
 
 
 # --- tunelab inspect -------------------------------------------------------------------------------
@@ -391,16 +392,14 @@ def test_inspect_llama_2_7b_on_the_meta_device(tmp_path):
     """r=8 on q_proj, v_proj of Llama-2-7B: 32 layers x 2 modules x 8 x (4096 + 4096) = 4,194,304."""
     config_dir = llama_7b_config_dir(tmp_path)
     start = time.perf_counter()
-    text = inspect_command.inspect_model(
-        str(config_dir), "lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]}
-    )
+    text = inspection.inspect_model(str(config_dir), "lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]})
     assert time.perf_counter() - start < 20
     assert "trainable params: 4,194,304 || all params: 6,742,609,920" in text
     assert "model.layers.*.self_attn.q_proj  x32  LoRALinear(Linear(4096 -> 4096), r=8" in text
     assert "model.layers.*.self_attn.v_proj.lora_B.weight  x32  (4096, 8)  = 1,048,576" in text
 
     peft = pytest.importorskip("peft")
-    model = inspect_command.build_meta_model(str(config_dir))
+    model = inspection.build_meta_model(str(config_dir))
     peft_model = peft.get_peft_model(
         model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )

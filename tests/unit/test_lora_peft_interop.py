@@ -18,7 +18,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunelab.methods import load_trained, lora
+from tunelab.methods import lora
+from tunelab.trained import load_trained
 
 peft = pytest.importorskip("peft")
 

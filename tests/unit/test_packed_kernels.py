@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from tunelab.data import packed_kernels as K
 from tunelab.data.packing import pack_batch
 from tunelab.data.tokenize import TokenizedExample
+from tunelab.kernels import packed_kernels as K
 
 SIZES = (5, 9, 1, 7)
 

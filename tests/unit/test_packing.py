@@ -9,19 +9,12 @@ from transformers import AutoModelForCausalLM
 
 import tunelab
 from tests.helpers import sft_config
-from tunelab.data.collate import count_targets, pad_batch
-from tunelab.data.packing import (
-    PACKED_ATTENTION,
-    is_packed,
-    model_inputs,
-    pack_batch,
-    real_tokens,
-    to_device,
-    use_packed_attention,
-)
+from tunelab.data.collate import count_targets, pad_batch, to_device
+from tunelab.data.packing import is_packed, model_inputs, pack_batch, real_tokens
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
 from tunelab.errors import TunelabError
-from tunelab.evaluate import model_lm_loss_sum
+from tunelab.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
+from tunelab.logprobs import model_lm_loss_sum
 from tunelab.tiny import ARCHITECTURES
 from tunelab.training.metrics import read_metrics
 

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 import tunelab
 from tests.helpers import sft_config
 from tunelab.data.collate import pad_batch
-from tunelab.data.packing import pack_batch, use_packed_attention
+from tunelab.data.packing import pack_batch
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample
-from tunelab.evaluate import model_lm_loss_sum
+from tunelab.kernels.packed_attention import use_packed_attention
+from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import lora, trainable_parameters
 from tunelab.models import load_model
 from tunelab.training.metrics import read_metrics

@@ -240,7 +240,8 @@ def test_init_text_reads_the_models_keys_and_values(llama_dir):
 
 def test_load_trained_reads_a_saved_prefix(llama_dir, tmp_path):
     """The project's entry point for eval/generate finds the method from adapter_config.json."""
-    from tunelab.methods import get_method, load_trained
+    from tunelab.methods import get_method
+    from tunelab.trained import load_trained
 
     assert get_method("prefix") is prefix
     ids = _ids()

@@ -17,9 +17,10 @@ import torch
 import transformers
 from packaging.version import Version
 
-from tunelab.methods import adapter_method_of, prefix
+from tunelab.methods import prefix
 from tunelab.models import load_model
 from tunelab.tiny import ARCHITECTURES
+from tunelab.trained import adapter_method_of
 
 peft = pytest.importorskip("peft")
 

@@ -39,8 +39,8 @@ def run(args) -> int:
     from tunelab.data.dataset import prepare_data
     from tunelab.errors import TunelabError
     from tunelab.evaluate import evaluate_loss, exact_match
-    from tunelab.methods import load_trained
     from tunelab.runinfo import run_data_config
+    from tunelab.trained import load_trained
 
     saved = run_data_config(Path(args.path))
     data_source = args.data or (saved.eval if saved else None)

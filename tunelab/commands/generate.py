@@ -56,8 +56,8 @@ def run(args) -> int:
     import torch
 
     from tunelab.data.templates import choose_template
-    from tunelab.methods import load_trained
     from tunelab.runinfo import run_data_config
+    from tunelab.trained import load_trained
 
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_trained(args.path, dtype=args.dtype, device=args.device)

@@ -76,3 +76,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a padded or packed batch to `device` (integers stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

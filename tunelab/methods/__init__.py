@@ -17,11 +17,8 @@ base model's outputs (the reference policy for DPO/PPO/GRPO, without a second co
 from __future__ import annotations
 
 import importlib
-import json
-from pathlib import Path
 from types import ModuleType
 
-import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -75,59 +72,3 @@ def freeze_all(model: nn.Module) -> None:
     """Set `requires_grad = False` on every parameter."""
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def adapter_method_of(adapter_dir: Path) -> str:
-    """Which method saved the adapter in `adapter_dir` (from its `adapter_config.json`)."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if "tunelab_method" in config:
-        return config["tunelab_method"]
-    peft_type = config.get("peft_type")
-    by_peft_type = {"LORA": "lora", "PREFIX_TUNING": "prefix"}
-    if peft_type not in by_peft_type:
-        raise TunelabError(f"{adapter_dir}: adapter type {peft_type!r} is not supported by tunelab")
-    return by_peft_type[peft_type]
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder means its `final/`; a model or adapter folder means itself."""
-    path = Path(path)
-    if (path / "final").is_dir() and not (path / "config.json").exists():
-        return path / "final"
-    return path
-
-
-def load_trained(
-    path: str | Path,
-    dtype: str = "float32",
-    device: str | torch.device = "auto",
-    base_model: str | None = None,
-    trust_remote_code: bool = False,
-):
-    """Load a trained run, model folder or adapter folder for inference: (model, tokenizer, method).
-
-    An adapter folder (`adapter_config.json`) is applied to its base model, read from
-    `base_model_name_or_path` unless `base_model` overrides it. The tokenizer comes from the folder
-    when it holds one, else from the base model.
-    """
-    from tunelab.models import load_model, load_tokenizer
-
-    model_dir = resolve_model_dir(path)
-    if not model_dir.exists():
-        raise TunelabError(f"model path {str(path)!r} does not exist")
-    if (model_dir / "adapter_config.json").exists():
-        config = json.loads((model_dir / "adapter_config.json").read_text())
-        base = base_model or config.get("base_model_name_or_path")
-        if not base:
-            raise TunelabError(f"{model_dir}/adapter_config.json names no base model; pass one")
-        method = adapter_method_of(model_dir)
-        model = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        get_method(method).load(model, model_dir)
-        has_tokenizer = (model_dir / "tokenizer_config.json").exists()
-        tokenizer = load_tokenizer(str(model_dir) if has_tokenizer else base, trust_remote_code)
-    else:
-        model = load_model(str(model_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
-        method = "full"
-    model.eval()
-    return model, tokenizer, method

@@ -25,9 +25,11 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.data.preference import prepare_preferences
+from tunelab.logprobs import sequence_logprobs
 from tunelab.losses.dpo import dpo_loss
+from tunelab.models import disable_dropout
 from tunelab.objectives.pairs import held_out_pair_batches, pair_batches, pair_count, real_tokens
-from tunelab.reference import Reference, disable_dropout, reference_sequence_logprobs, sequence_logprobs
+from tunelab.reference import Reference, reference_sequence_logprobs
 from tunelab.training.loop import optimize, total_steps
 from tunelab.training.setup import report_data, save_final, setup_run, write_summary
 

@@ -36,14 +36,10 @@ from typing import Literal
 import torch
 
 from tunelab.config import RunConfig
+from tunelab.logprobs import final_hidden, logprobs_from_hidden
 from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
 from tunelab.losses.kl import kl_k3
-from tunelab.reference import (
-    Reference,
-    final_hidden,
-    logprobs_from_hidden,
-    reference_logprobs,
-)
+from tunelab.reference import Reference, reference_logprobs
 from tunelab.rl.advantages import group_advantages
 from tunelab.rl.loop import online_loop
 from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from tunelab.data.collate import batch_stream
-from tunelab.data.packing import to_device
+from tunelab.data.collate import batch_stream, to_device
 from tunelab.data.preference import PairExample, pad_pairs
 from tunelab.training.setup import Run
 

@@ -37,14 +37,10 @@ from typing import Literal
 import torch
 
 from tunelab.config import RunConfig
+from tunelab.logprobs import final_hidden, logprobs_from_hidden
 from tunelab.losses.kl import per_token_kl
 from tunelab.losses.ppo import approx_policy_kl, clipped_policy_loss, clipped_value_loss
-from tunelab.reference import (
-    Reference,
-    final_hidden,
-    logprobs_from_hidden,
-    reference_logprobs,
-)
+from tunelab.reference import Reference, reference_logprobs
 from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
 from tunelab.rl.loop import online_loop
 from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split

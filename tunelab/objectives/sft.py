@@ -12,12 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunelab.config import RunConfig
-from tunelab.data import cpu_attention
-from tunelab.data.collate import batch_stream, count_targets, pad_batch
+from tunelab.data.collate import batch_stream, count_targets, pad_batch, to_device
 from tunelab.data.dataset import prepare_data
-from tunelab.data.packing import PACKED_ATTENTION, pack_batch, to_device, use_packed_attention
+from tunelab.data.packing import pack_batch
 from tunelab.data.packing import real_tokens as count_real_tokens
-from tunelab.evaluate import evaluate_loss, exact_match, model_lm_loss_sum
+from tunelab.evaluate import evaluate_loss, exact_match
+from tunelab.kernels import cpu_attention
+from tunelab.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
+from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
 from tunelab.training.loop import optimize, total_steps
 from tunelab.training.setup import report_data, save_final, setup_run, write_summary

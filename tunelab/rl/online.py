@@ -18,7 +18,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import PromptData, PromptExample, prepare_prompts
-from tunelab.reference import disable_dropout
+from tunelab.models import disable_dropout
 from tunelab.rl.rewards import Rewards
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.loop import LoopResult, apply_gradients

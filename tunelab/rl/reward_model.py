@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError
-from tunelab.reference import final_hidden
+from tunelab.logprobs import final_hidden
 from tunelab.rl.advantages import last_token_index
 
 REWARD_HEAD, VALUE_HEAD = "reward_head", "value_head"
@@ -108,7 +108,7 @@ def save_reward_head(final_dir: Path, head: nn.Linear, template: str, method: st
 
 def is_reward_model(path: str | Path) -> bool:
     """Does `path` (a run folder or its `final/`) hold a tunelab reward model?"""
-    from tunelab.methods import resolve_model_dir
+    from tunelab.trained import resolve_model_dir
 
     return (resolve_model_dir(path) / CONFIG_FILE).is_file()
 
@@ -136,7 +136,7 @@ def load_reward_model(
     path: str | Path, dtype: str = "float32", device: str | torch.device = "auto"
 ) -> RewardModel:
     """Load a reward model saved by the `reward` objective (a run folder or its `final/`)."""
-    from tunelab.methods import load_trained, resolve_model_dir
+    from tunelab.trained import load_trained, resolve_model_dir
 
     folder = resolve_model_dir(path)
     if not folder.exists():

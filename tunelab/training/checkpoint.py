@@ -28,7 +28,8 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import trainable_parameters
-from tunelab.training.distributed import full_tensor, restore_rng, rng_states, shard_like
+from tunelab.training.distributed import full_tensor, shard_like
+from tunelab.training.rng import restore_rng, rng_states
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -1,5 +1,5 @@
 // Causal attention within the examples of a packed row, forward and backward, on the CPU in float32.
-// Built at first use by tunelab/data/cpu_attention.py (torch.utils.cpp_extension), which documents
+// Built at first use by tunelab/kernels/cpu_attention.py (torch.utils.cpp_extension), which documents
 // the maths; this file is only the kernel.
 //
 // Layout: q, out, grad_out (N, H, D); k, v (N, Hkv, D); lse (H, N); all float32, contiguous.
