@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import platform
 from pathlib import Path
 
 import torch
 
+from tunelab.console import note
+
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)
-log = logging.getLogger(__name__)
 
 
 def _cpu_tag() -> str:
@@ -65,7 +65,7 @@ def _extension():
         flags = ["-O3", native, "-fopenmp"]
         return load(name=f"tunelab_cpu_attention_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags)
     except Exception as error:  # no compiler, no ninja, an unsupported platform: keep SDPA
-        log.warning("tunelab: the native CPU attention kernel could not be built (%s); using SDPA", error)
+        note(f"[tunelab] the native CPU attention kernel could not be built ({error}); using SDPA")
         return None
 
 

@@ -11,6 +11,7 @@ import random
 import torch
 import torch.distributed as dist
 
+from tunelab.console import note
 from tunelab.training.distributed import rank, world_size
 
 
@@ -45,10 +46,9 @@ def restore_rng(tensors: dict[str, torch.Tensor], state: dict) -> None:
     """Set this process's RNGs from what `rng_states` saved (its own rank's states when present)."""
     r, saved_world = rank(), len(state.get("python_rng_ranks", [None]))
     if saved_world != world_size() and r == 0:
-        print(
+        note(
             f"[tunelab] the checkpoint was written by {saved_world} process(es), this run has {world_size()}: "
             "the data order continues only if batch_size x processes is unchanged",
-            flush=True,
         )
     if world_size() > 1 and f"rank{r}.torch" in tensors:
         torch.set_rng_state(tensors[f"rank{r}.torch"])
