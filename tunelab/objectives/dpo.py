@@ -20,18 +20,19 @@ evaluate -> train -> evaluate -> save `final/` (the method's artifact, as for SF
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.preference import prepare_preferences
 from tunelab.logprobs import sequence_logprobs
 from tunelab.losses.dpo import dpo_loss
 from tunelab.models import disable_dropout
-from tunelab.objectives.pairs import held_out_pair_batches, pair_batches, pair_count, real_tokens
+from tunelab.objectives.pairs import held_out_pair_figures, load_pairs, pair_batches
 from tunelab.reference import Reference, reference_sequence_logprobs
-from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import report_data, save_final, setup_run, write_summary
+from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
+from tunelab.training.optim import build_optimizer
+from tunelab.training.setup import before_and_after, finish, setup_run
 
 
 @dataclass
@@ -50,68 +51,64 @@ class Options:
 
 def run(config: RunConfig) -> dict:
     """Train a policy with DPO; returns the summary written to `summary.json`."""
-    cfg, options = config, config.objective.options
-    run_ = setup_run(cfg)
-    tokenizer, model = run_.tokenizer, run_.model
-    data = prepare_preferences(cfg.data, tokenizer, seed=cfg.train.seed)
-    eval_count = len(data.eval) if data.eval else 0
-    report_data(run_, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
+    # Set-up: the policy with its method, the pairs, the reference policy, the optimizer.
+    cfg, options = config.train, config.objective.options
+    run = setup_run(config)
+    model = run.model
+    data = load_pairs(run)
     disable_dropout(model)
-    reference = Reference(model, run_.method, run_.dist.frozen_copy)
-    run_.print(f"[tunelab] reference policy: {reference.kind}")
-    pad_id = tokenizer.pad_token_id
+    reference = Reference(model, run.method, run.dist.frozen_copy)
+    run.print(f"[tunelab] reference policy: {reference.kind}")
+    figures = partial(dpo_figures, model, reference, options)
+    evaluate = partial(held_out_pair_figures, run, data.eval, figures) if data.eval else None
+    before = evaluate() if evaluate else {}
+    steps = total_steps(run, -(-len(data.train) // run.global_batch))
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the reference copy is made and sharded first)
+    optimizer = build_optimizer(model, cfg)
+    start = resume(run, optimizer)
+    batches = pair_batches(run, data.train, position=start * cfg.grad_accum)
 
-    def pair_losses(batch):
-        """Per-pair DPO losses and implicit rewards of a batch (chosen rows first, then rejected)."""
-        policy_chosen, policy_rejected = sequence_logprobs(model, batch).chunk(2)
-        ref_chosen, ref_rejected = reference_sequence_logprobs(reference, batch).chunk(2)
-        return dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, options.beta, options.label_smoothing
-        )
+    # The loop: one optimizer step per `grad_accum` micro-batches of pairs.
+    loop = StepLoop(run, optimizer, steps, start, evaluate)
+    with loop.running():
+        for step in loop.step_numbers():
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            loss_fn = partial(dpo_loss_sum, model, reference, options)
+            loop.end_step(
+                step, accumulated_step(run, optimizer, micro_batches, loss_fn), step * cfg.grad_accum
+            )
 
-    def loss_fn(batch):
-        losses, chosen, rejected = pair_losses(batch)  # (B,) each
-        extras = {
-            "reward_chosen": chosen.sum(),
-            "reward_rejected": rejected.sum(),
-            "reward_margin": (chosen - rejected).sum(),
-            "reward_accuracy": (chosen > rejected).float().sum(),
-        }
-        return losses.sum(), extras
+    # The end: held-out figures, `final/`, `summary.json`.
+    summary = {"steps": steps, "final_train_loss": loop.result().final_loss}
+    if evaluate:
+        summary.update(before_and_after(before, evaluate()))
+    reference.copy = None  # free the frozen copy before saving
+    return finish(run, summary)
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Held-out DPO loss, implicit reward margin and pairwise accuracy."""
-        was_training = model.training
-        model.eval()
-        loss = margin = accuracy = 0.0
-        count = 0
-        for batch in held_out_pair_batches(run_, data.eval, pad_id):
-            with run_.autocast():
-                losses, chosen, rejected = pair_losses(batch)
-            loss += float(losses.sum())
-            margin += float((chosen - rejected).sum())
-            accuracy += float((chosen > rejected).float().sum())
-            count += len(losses)
-        model.train(was_training)
-        count = max(count, 1)
-        return {"eval_loss": loss / count, "eval_margin": margin / count, "eval_accuracy": accuracy / count}
 
-    before = evaluate() if data.eval else {}
-    steps = total_steps(run_, -(-len(data.train) // run_.global_batch))
-
-    def make_batches(position: int):
-        return pair_batches(run_, data.train, pad_id, position)
-
-    result = optimize(
-        run_, make_batches, loss_fn, pair_count, steps, evaluate if data.eval else None, real_tokens
+def pair_losses(model, reference: Reference, options: Options, batch: dict):
+    """Per-pair DPO losses and implicit rewards of a batch of pairs (chosen rows first, then
+    rejected): (losses (P,), beta log-ratio of chosen (P,), of rejected (P,))."""
+    policy_chosen, policy_rejected = sequence_logprobs(model, batch).chunk(2)
+    ref_chosen, ref_rejected = reference_sequence_logprobs(reference, batch).chunk(2)
+    return dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, options.beta, options.label_smoothing
     )
 
-    summary = {"steps": result.steps, "final_train_loss": result.final_loss}
-    if data.eval:
-        summary.update({f"{k}_before": v for k, v in before.items()})
-        summary.update(evaluate())
-    reference.copy = None  # free the frozen copy before saving
-    final = save_final(run_)
-    summary["final_dir"] = str(final)
-    return write_summary(run_, summary)
+
+def dpo_loss_sum(model, reference: Reference, options: Options, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The DPO loss summed over a micro-batch's pairs, and the implicit-reward figures summed too."""
+    losses, chosen, rejected = pair_losses(model, reference, options, batch)  # (P,) each
+    extras = {
+        "reward_chosen": chosen.sum(),
+        "reward_rejected": rejected.sum(),
+        "reward_margin": (chosen - rejected).sum(),
+        "reward_accuracy": (chosen > rejected).float().sum(),
+    }
+    return losses.sum(), extras
+
+
+def dpo_figures(model, reference: Reference, options: Options, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-pair held-out figures: DPO loss, implicit reward margin, pairwise accuracy (each (P,))."""
+    losses, chosen, rejected = pair_losses(model, reference, options, batch)
+    return {"loss": losses, "margin": chosen - rejected, "accuracy": (chosen > rejected).float()}

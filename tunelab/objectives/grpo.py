@@ -30,42 +30,35 @@ W ranks x b prompts take the step of one process x W * b (up to floating-point o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers import PreTrainedModel
 
 from tunelab.config import RunConfig
-from tunelab.logprobs import final_hidden, logprobs_from_hidden
+from tunelab.logprobs import final_hidden
 from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
 from tunelab.losses.kl import kl_k3
-from tunelab.reference import Reference, reference_logprobs
+from tunelab.reference import Reference
 from tunelab.rl.advantages import group_advantages
-from tunelab.rl.loop import online_loop
-from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split
-from tunelab.rl.rewards import check_reward_spec
+from tunelab.rl.online import OnlineOptions, OnlineRun, PromptBatch, Sampled
+from tunelab.rl.policy import answer_logprobs, reference_answer_logprobs
+from tunelab.rl.rollouts import Rollout
+from tunelab.rl.updates import policy_updates, split
+from tunelab.training.loop import StepLoop, resume
+from tunelab.training.optim import build_optimizer
+from tunelab.training.setup import Run
 
 
 @dataclass
-class Options:
-    reward_functions: list[str] = field(default_factory=list)
-    """Python reward functions, `package.module:function` or `path/file.py:function` (see tunelab/rl/rewards.py)."""
-    reward_weights: list[float] | None = None
-    """Weight of each reward function (default 1 each)."""
-    reward_model: str | None = None
-    """Optionally also a reward model trained with `objective: reward` (weight 1); same tokenizer."""
+class Options(OnlineOptions):
+    """GRPO's options, after the options it shares with PPO (tunelab/rl/online.py)."""
+
     num_generations: int = 8
     """G, completions sampled per prompt (the group)."""
-    max_new_tokens: int = 64
-    """Longest completion sampled (also L of the `constant` aggregation)."""
-    temperature: float = 1.0
-    """Sampling temperature tau; the log-probs are those of the tempered policy."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample from the smallest token set holding this much probability."""
     num_iterations: int = 1
     """mu: passes over each batch of completions."""
-    num_mini_batches: int = 1
-    """Optimizer steps per pass: the completions are split into this many mini-batches."""
     epsilon: float = 0.2
     """Lower clip eps of the ratio, 1 - eps."""
     epsilon_high: float | None = None
@@ -74,138 +67,171 @@ class Options:
     """Weight of the k3 KL penalty to the reference policy (0: no reference needed, as TRL's default)."""
     loss_aggregation: Literal["sequence", "token", "constant"] = "token"
     """How token losses are averaged: `sequence` (GRPO: per completion, then over completions),
-    `token` (DAPO: over all tokens of the mini-batch), `constant` (Dr. GRPO: sum / (completions * max_new_tokens))."""
+    `token` (DAPO: over all tokens of the mini-batch), `constant` (Dr. GRPO: sum / (completions * L), L = `max_new_tokens`)."""
     scale_rewards: bool = True
     """Divide the advantages by the group's reward std (false: Dr. GRPO's unscaled advantages)."""
 
     def __post_init__(self):
-        check_reward_spec(self.reward_functions, self.reward_weights, self.reward_model)
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be at least 2 (a group), not {self.num_generations}")
-        for name in ("max_new_tokens", "num_iterations", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, not {self.num_iterations}")
         if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0) or self.beta < 0:
             raise ValueError("epsilon and epsilon_high must be > 0, beta >= 0")
 
 
 def run(config: RunConfig) -> dict:
     """Train a policy with GRPO; returns the summary written to `summary.json`."""
-    cfg, options = config, config.objective.options
-    online = OnlineRun.setup(cfg, answer="completion")
-    run_, model = online.run, online.run.model
-    reference = Reference(model, run_.method, run_.dist.frozen_copy) if options.beta > 0 else None
-    run_.print(
+    # Set-up: the policy with its method, the prompts and rewards, the reference (when beta > 0).
+    options = config.objective.options
+    online = OnlineRun.setup(config, answer="completion")
+    run, model = online.run, online.run.model
+    reference = Reference(model, run.method, run.dist.frozen_copy) if options.beta > 0 else None
+    run.print(
         f"[tunelab] rewards: {', '.join(online.rewards.names)}; "
         f"reference policy: {reference.kind if reference else 'none (beta = 0)'}"
     )
-    group, micro = options.num_generations, max(1, cfg.train.grad_accum)
-    reuse = options.num_iterations > 1 or options.num_mini_batches > 1  # pi_old differs from pi
+    policy = Policy(model, reference, options)
+    evaluate = online.evaluate if online.data.eval else None
+    before = evaluate() if evaluate else {}
+    steps = online.steps()
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the reference copy comes first)
+    optimizer = build_optimizer(model, config.train)
+    start = resume(run, optimizer)
+    prompt_batches = online.prompt_batches(position=start)
 
-    def policy_logprobs(rows: dict, prompt_length: int, with_entropy: bool = False):
-        """Completion-aligned (logprobs, entropy), each (n, R), of some rollout rows."""
-        hidden = final_hidden(model, rows["input_ids"], rows["attention_mask"])
-        logprobs, entropy = logprobs_from_hidden(
-            model, hidden, rows["input_ids"], rows["target_mask"], options.temperature, with_entropy
-        )
-        return logprobs[:, prompt_length:], entropy[:, prompt_length:] if with_entropy else None
+    # The loop: each step samples a group of completions per prompt, scores them and learns from them.
+    loop = StepLoop(run, optimizer, steps, start, evaluate, desc="rl")
+    with loop.running():
+        for step in loop.step_numbers():
+            loop.end_step(step, grpo_step(online, policy, optimizer, step, next(prompt_batches)), step)
 
-    def chunk_loss(rows: dict, p: int, chunk, norm, old_logprobs, ref_logprobs, advantages, mask):
-        """The GRPO loss of some rows (their aggregated sum / the mini-batch's units) and the logged
-        parts (the loss; clip fraction, entropy, k3 per token of the mini-batch). norm: (units, tokens)."""
-        units, tokens = norm
-        logprobs, entropy = policy_logprobs(rows, p, with_entropy=True)
+    # The end: held-out scores, `final/` (the policy), `summary.json`.
+    if reference is not None:
+        reference.copy = None
+    return online.finish(loop.result(), before)
+
+
+@dataclass
+class Policy:
+    """What GRPO trains and compares with: the policy and the frozen reference (None for beta = 0)."""
+
+    model: PreTrainedModel
+    reference: Reference | None
+    options: Options
+
+    @property
+    def reuses_samples(self) -> bool:
+        """Whether the policy moves between sampling and a later update (several passes or
+        mini-batches), so that pi_old must be kept rather than taken as the detached pi."""
+        return self.options.num_iterations > 1 or self.options.num_mini_batches > 1
+
+    def logprobs(self, rows: dict, prompt_length: int, with_entropy: bool = False):
+        """Completion-aligned (logprobs, entropy or None), each (n, R), of some rollout rows."""
+        hidden = final_hidden(self.model, rows["input_ids"], rows["attention_mask"])  # (n, P+R, H)
+        temperature = self.options.temperature
+        return answer_logprobs(self.model, hidden, rows, prompt_length, temperature, with_entropy)
+
+
+def grpo_step(online: OnlineRun, policy: Policy, optimizer, step: int, prompt_batch: PromptBatch) -> dict:
+    """Steps 1-4 of the module docstring on one batch of prompts; returns the step's figures."""
+    run, options = online.run, policy.options
+    group = options.num_generations
+    positions, prompts = prompt_batch
+    # 1-2. A group of completions per prompt (keyed: the same whatever the rank) and their scores.
+    prompts = [prompt for prompt in prompts for _ in range(group)]
+    sampled = online.sample_and_score(prompts, step, [i * group + g for i in positions for g in range(group)])
+    batch = grpo_batch(
+        run, policy, sampled
+    )  # 3. group advantages (a group never spans ranks), pi_old, pi_ref
+    micro = max(1, run.config.train.grad_accum)
+    figures = policy_updates(
+        run, optimizer, batch, options.num_iterations, options.num_mini_batches, micro
+    )  # 4.
+    sums = {
+        "reward": sampled.scores.sum(),
+        "completion_length": sampled.mask.sum(),
+        "eos_fraction": sampled.rollout.ended.float().sum(),
+        **{f"reward/{name}": values.sum() for name, values in sampled.parts.items()},
+    }
+    figures.update(online.global_means(sums, sampled.size))  # figures of the global batch
+    group_std = sampled.scores.view(-1, group).std(dim=1)  # (N / G,)
+    per_group = {"reward_std": group_std.sum(), "zero_std_fraction": (group_std == 0).float().sum()}
+    figures.update(online.global_means(per_group, len(group_std)))
+    return figures
+
+
+@torch.no_grad()
+def grpo_batch(run: Run, policy: Policy, sampled: Sampled) -> GRPOBatch:
+    """Group advantages of the scores, and the completions' log-probs under pi_old (when samples
+    are reused) and pi_ref (when beta > 0): the `GRPOBatch` the updates read."""
+    options, rollout = policy.options, sampled.rollout
+    advantages = group_advantages(sampled.scores, options.num_generations, options.scale_rewards)  # (N,)
+    micro = max(1, run.config.train.grad_accum)
+    old_logprobs = ref_logprobs = None
+    with run.autocast():
+        if policy.reuses_samples:
+            chunks = split(torch.arange(sampled.size), micro)
+            p = rollout.prompt_length
+            old_logprobs = torch.cat([policy.logprobs(rollout.rows(c), p)[0] for c in chunks])  # (N, R)
+        if policy.reference is not None:
+            ref_logprobs = reference_answer_logprobs(policy.reference, rollout, options.temperature, micro)
+    return GRPOBatch(
+        run, policy, rollout, sampled.mask, advantages.to(run.device), old_logprobs, ref_logprobs
+    )
+
+
+@dataclass
+class GRPOBatch:
+    """One step's completions as GRPO's updates read them (`tunelab.rl.updates.RolloutBatch`)."""
+
+    run: Run
+    policy: Policy
+    rollout: Rollout
+    mask: torch.Tensor
+    """(N, R) the completion tokens."""
+    advantages: torch.Tensor
+    """(N,) each completion's group advantage."""
+    old_logprobs: torch.Tensor | None
+    """(N, R) log pi_old at sampling time, when samples are reused; else pi itself, detached."""
+    ref_logprobs: torch.Tensor | None
+    """(N, R) log pi_ref, when beta > 0."""
+
+    @property
+    def size(self) -> int:
+        return len(self.mask)
+
+    def normaliser(self, rows: torch.Tensor) -> tuple[float, float]:
+        """(units, tokens) of global mini-batch `rows`; units: sequences, tokens or sequences x L, as
+        `loss_aggregation` says."""
+        options, mask = self.policy.options, self.mask[rows]
+        _, local_units = aggregate_loss(mask, mask, options.loss_aggregation, options.max_new_tokens)
+        units, tokens = self.run.dist.sum(local_units, float(mask.sum()))
+        return units, max(tokens, 1.0)
+
+    def loss(
+        self, chunk: torch.Tensor, normaliser: tuple[float, float]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The GRPO loss of the rows `chunk` (their aggregated sum / the mini-batch's units) and the
+        logged parts (the loss; clip fraction, entropy, k3 per token of the mini-batch)."""
+        units, tokens = normaliser
+        options = self.policy.options
+        logprobs, entropy = self.policy.logprobs(self.rollout.rows(chunk), self.rollout.prompt_length, True)
         logprobs = logprobs.float()
-        old = old_logprobs[chunk] if reuse else logprobs.detach()
-        ref = ref_logprobs[chunk] if ref_logprobs is not None else None
+        old = self.old_logprobs[chunk] if self.old_logprobs is not None else logprobs.detach()
+        ref = self.ref_logprobs[chunk] if self.ref_logprobs is not None else None
         per_token, clipped = grpo_per_token_loss(
-            logprobs, old, advantages[chunk], options.epsilon, options.epsilon_high, ref, options.beta
+            logprobs, old, self.advantages[chunk], options.epsilon, options.epsilon_high, ref, options.beta
         )
-        m = mask[chunk]
-        loss_sum, _ = aggregate_loss(per_token, m, options.loss_aggregation, options.max_new_tokens)
+        mask = self.mask[chunk]
+        loss_sum, _ = aggregate_loss(per_token, mask, options.loss_aggregation, options.max_new_tokens)
         loss = loss_sum / units
         parts = {
             "loss": float(loss.detach()),
-            "clip_frac": float((clipped * m).sum()) / tokens,
-            "entropy": float((entropy * m).sum()) / tokens,
+            "clip_frac": float((clipped * mask).sum()) / tokens,
+            "entropy": float((entropy * mask).sum()) / tokens,
         }
         if ref is not None:
-            parts["kl"] = float((kl_k3(logprobs.detach(), ref) * m).sum()) / tokens
+            parts["kl"] = float((kl_k3(logprobs.detach(), ref) * mask).sum()) / tokens
         return loss, parts
-
-    def step_fn(step: int, batch: PromptBatch, optimizer) -> dict:
-        positions, prompts = batch
-        # 1-3. A group of completions per prompt (keyed: the same whatever the rank), their scores
-        # and group advantages (a group never spans ranks).
-        prompts = [prompt for prompt in prompts for _ in range(group)]
-        rollout = online.sample(prompts, step, [i * group + g for i in positions for g in range(group)])
-        p, n = rollout.prompt_length, len(prompts)
-        mask = rollout.response_mask.to(run_.device)  # (N, R)
-        scores, parts = online.score(prompts, rollout)
-        advantages = group_advantages(scores, group, options.scale_rewards).to(run_.device)  # (N,)
-
-        # pi_old (when the policy moves between the sampling and a later update) and pi_ref.
-        old_logprobs = ref_logprobs = None
-        with torch.no_grad(), run_.autocast():
-            if reuse:
-                old_logprobs = torch.cat(
-                    [policy_logprobs(rollout.rows(c), p)[0] for c in split(torch.arange(n), micro)]
-                )
-            if reference is not None:
-                ref_logprobs = torch.cat(
-                    [
-                        reference_logprobs(reference, **rollout.rows(c), temperature=options.temperature)[
-                            :, p:
-                        ]
-                        for c in split(torch.arange(n), micro)
-                    ]
-                )
-
-        def normaliser(rows: torch.Tensor) -> tuple[float, float]:
-            """(units, tokens) of the global mini-batch (units: sequences, tokens or sequences x L)."""
-            _, local_units = aggregate_loss(
-                mask[rows], mask[rows], options.loss_aggregation, options.max_new_tokens
-            )
-            units, tokens = run_.dist.sum(local_units, float(mask[rows].sum()))
-            return units, max(tokens, 1.0)
-
-        # 4. mu passes over mini-batches (normalised over each global mini-batch), in micro-batches.
-        tensors = (old_logprobs, ref_logprobs, advantages, mask)
-        row = policy_updates(
-            run_,
-            optimizer,
-            n,
-            options.num_iterations,
-            options.num_mini_batches,
-            micro,
-            normaliser,
-            chunk_loss=lambda chunk, norm: chunk_loss(rollout.rows(chunk), p, chunk, norm, *tensors),
-        )
-
-        # Figures of the global batch: sums over ranks / completions or groups.
-        group_std = scores.view(-1, group).std(dim=1)  # (N / G,)
-        local = {
-            "reward": scores.sum(),
-            "completion_length": mask.sum(),
-            "eos_fraction": rollout.ended.float().sum(),
-            **{f"reward/{name}": values.sum() for name, values in parts.items()},
-        }
-        per_group = {
-            "reward_std": group_std.sum(),
-            "zero_std_fraction": (group_std == 0).float().sum(),
-        }
-        count, groups, *values = run_.dist.sum(
-            n, n // group, *(float(v) for v in (*local.values(), *per_group.values()))
-        )
-        row.update({key: value / count for key, value in zip(local, values[: len(local)], strict=True)})
-        row.update({key: value / groups for key, value in zip(per_group, values[len(local) :], strict=True)})
-        return row
-
-    before = online.evaluate() if online.data.eval else {}
-    evaluate = online.evaluate if online.data.eval else None
-    result = online_loop(run_, online.prompt_batches, step_fn, online.steps(), evaluate)
-    if reference is not None:
-        reference.copy = None
-    return online.finish(result, before)

@@ -8,35 +8,58 @@ takes its rows (`Parallel.shard`); held-out batches are taken in file order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+import torch
 
 from tunelab.data.collate import batch_stream, to_device
-from tunelab.data.preference import PairExample, pad_pairs
-from tunelab.training.setup import Run
+from tunelab.data.preference import PairExample, PreferenceData, pad_pairs, prepare_preferences
+from tunelab.training.loop import MicroBatch
+from tunelab.training.setup import Run, report_data
 
 
-def pair_batches(run: Run, pairs: list[PairExample], pad_id: int, position: int) -> Iterator[dict]:
-    """This process's padded pair batches of the training order, from micro-batch `position` on."""
+def load_pairs(run: Run) -> PreferenceData:
+    """Read, check and tokenise the run's preference pairs (`data.*`), and report them."""
+    data = prepare_preferences(run.config.data, run.tokenizer, seed=run.config.train.seed)
+    eval_count = len(data.eval) if data.eval else 0
+    report_data(run, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
+    return data
+
+
+def pair_batches(run: Run, pairs: list[PairExample], position: int) -> Iterator[MicroBatch]:
+    """This process's padded pair batches of the training order, from micro-batch `position` on;
+    units = pairs, tokens = the non-padding tokens of the chosen and rejected rows."""
     cfg = run.config
     lengths = [p.length for p in pairs]
-    for indices in batch_stream(
-        lengths, run.global_batch, cfg.train.seed, position, cfg.data.group_by_length
-    ):
-        yield to_device(pad_pairs([pairs[i] for i in run.dist.shard(indices)], pad_id), run.device)
+    order = batch_stream(lengths, run.global_batch, cfg.train.seed, position, cfg.data.group_by_length)
+    for indices in order:
+        batch = pad_pairs([pairs[i] for i in run.dist.shard(indices)], run.tokenizer.pad_token_id)
+        yield MicroBatch(
+            to_device(batch, run.device), len(batch["margin"]), int(batch["attention_mask"].sum())
+        )
 
 
-def held_out_pair_batches(run: Run, pairs: list[PairExample], pad_id: int) -> Iterator[dict]:
+def held_out_pair_batches(run: Run, pairs: list[PairExample]) -> Iterator[dict]:
     """Padded batches of `train.batch_size` held-out pairs, at most `train.eval_batches` of them."""
     size = run.config.train.batch_size
     for start in list(range(0, len(pairs), size))[: run.config.train.eval_batches]:
-        yield to_device(pad_pairs(pairs[start : start + size], pad_id), run.device)
+        yield to_device(pad_pairs(pairs[start : start + size], run.tokenizer.pad_token_id), run.device)
 
 
-def pair_count(batch: dict) -> int:
-    """Pairs in a batch: the loss normalisation unit."""
-    return len(batch["margin"])
-
-
-def real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch's chosen and rejected rows."""
-    return int(batch["attention_mask"].sum())
+def held_out_pair_figures(run: Run, pairs: list[PairExample], figures_of: Callable[[dict], dict]) -> dict:
+    """Mean over the held-out pairs of the per-pair figures `figures_of(batch)` returns (name -> (P,)
+    tensor), each named `eval_NAME`; computed in eval mode under the run's autocast, without gradients."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.no_grad():
+        for batch in held_out_pair_batches(run, pairs):
+            with run.autocast():
+                figures = figures_of(batch)
+            for name, values in figures.items():
+                sums[name] = sums.get(name, 0.0) + float(values.float().sum())
+            count += len(batch["margin"])
+    model.train(was_training)
+    return {f"eval_{name}": value / max(count, 1) for name, value in sums.items()}

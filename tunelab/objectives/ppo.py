@@ -31,41 +31,35 @@ so W ranks x b prompts take the step of one process x W * b (up to floating-poin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel
 
 from tunelab.config import RunConfig
-from tunelab.logprobs import final_hidden, logprobs_from_hidden
+from tunelab.logprobs import final_hidden
 from tunelab.losses.kl import per_token_kl
 from tunelab.losses.ppo import approx_policy_kl, clipped_policy_loss, clipped_value_loss
-from tunelab.reference import Reference, reference_logprobs
+from tunelab.reference import Reference
 from tunelab.rl.advantages import gae, masked_mean, masked_var, masked_whiten, token_rewards
-from tunelab.rl.loop import online_loop
-from tunelab.rl.online import OnlineRun, PromptBatch, policy_updates, split
+from tunelab.rl.online import OnlineOptions, OnlineRun, PromptBatch, Sampled
+from tunelab.rl.policy import answer_logprobs, reference_answer_logprobs
 from tunelab.rl.reward_model import VALUE_HEAD, attach_head, detach_head, token_values
-from tunelab.rl.rewards import check_reward_spec
+from tunelab.rl.rollouts import Rollout
+from tunelab.rl.updates import policy_updates, split
+from tunelab.training.loop import StepLoop, resume
+from tunelab.training.optim import build_optimizer
+from tunelab.training.setup import Run
 
 
 @dataclass
-class Options:
-    reward_model: str | None = None
-    """A reward model trained with `objective: reward` (its run folder or `final/`); same tokenizer."""
-    reward_functions: list[str] = field(default_factory=list)
-    """Python reward functions, `package.module:function` or `path/file.py:function` (see tunelab/rl/rewards.py)."""
-    reward_weights: list[float] | None = None
-    """Weight of each reward function (default 1 each); the reward model's weight is 1."""
-    max_new_tokens: int = 64
-    """Longest response sampled."""
-    temperature: float = 1.0
-    """Sampling temperature tau; the log-probs are those of the tempered policy."""
-    top_p: float = 1.0
-    """Nucleus sampling: sample from the smallest token set holding this much probability."""
+class Options(OnlineOptions):
+    """PPO's options, after the options it shares with GRPO (tunelab/rl/online.py)."""
+
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
-    num_mini_batches: int = 1
-    """Optimizer steps per pass: the rollouts are split into this many mini-batches."""
     clip_range: float = 0.2
     """eps of the clipped policy ratio 1 +- eps."""
     value_clip_range: float = 0.2
@@ -89,12 +83,9 @@ class Options:
     """Subtract this from the score of a response cut at max_new_tokens without EOS."""
 
     def __post_init__(self):
-        check_reward_spec(self.reward_functions, self.reward_weights, self.reward_model)
-        for name in ("max_new_tokens", "ppo_epochs", "num_mini_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
+        super().__post_init__()
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be at least 1, not {self.ppo_epochs}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ValueError("gamma and lam must be in [0, 1]")
         if self.clip_range <= 0 or self.value_clip_range <= 0 or self.kl_coef < 0 or self.vf_coef < 0:
@@ -103,112 +94,157 @@ class Options:
 
 def run(config: RunConfig) -> dict:
     """Train a policy with PPO; returns the summary written to `summary.json`."""
-    cfg, options = config, config.objective.options
-    online = OnlineRun.setup(cfg, answer="response")
-    run_, model = online.run, online.run.model
-    reference = Reference(model, run_.method, run_.dist.frozen_copy)
+    # Set-up: the policy with its method, the prompts and rewards, the reference, the value head.
+    options = config.objective.options
+    online = OnlineRun.setup(config, answer="response")
+    run, model = online.run, online.run.model
+    reference = Reference(model, run.method, run.dist.frozen_copy)
     value_head = attach_head(model, VALUE_HEAD, zero_init=True)
-    run_.print(f"[tunelab] rewards: {', '.join(online.rewards.names)}; reference policy: {reference.kind}")
-    micro = max(1, cfg.train.grad_accum)
-    total = run_.dist.all_sum  # a tensor summed over ranks
+    run.print(f"[tunelab] rewards: {', '.join(online.rewards.names)}; reference policy: {reference.kind}")
+    policy = Policy(model, value_head, reference, options)
+    evaluate = online.evaluate if online.data.eval else None
+    before = evaluate() if evaluate else {}
+    steps = online.steps()
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the head and the reference copy come first)
+    optimizer = build_optimizer(model, config.train)
+    start = resume(run, optimizer)
+    prompt_batches = online.prompt_batches(position=start)
 
-    def policy_forward(rows: dict, prompt_length: int, with_entropy: bool = False):
-        """Response-aligned (logprobs, entropy, values), each (n, R), of some rollout rows."""
-        hidden = final_hidden(model, rows["input_ids"], rows["attention_mask"])  # (n, P+R, H)
-        logprobs, entropy = logprobs_from_hidden(
-            model, hidden, rows["input_ids"], rows["target_mask"], options.temperature, with_entropy
+    # The loop: each step samples answers to a batch of prompts, scores them and learns from them.
+    loop = StepLoop(run, optimizer, steps, start, evaluate, desc="rl")
+    with loop.running():
+        for step in loop.step_numbers():
+            loop.end_step(step, ppo_step(online, policy, optimizer, step, next(prompt_batches)), step)
+
+    # The end: held-out scores, `final/` (the policy, without the value head), `summary.json`.
+    detach_head(model, VALUE_HEAD)
+    reference.copy = None
+    return online.finish(loop.result(), before, last_keys=("kl",))
+
+
+@dataclass
+class Policy:
+    """What PPO trains and compares with: the policy, its value head, the frozen reference."""
+
+    model: PreTrainedModel
+    value_head: nn.Linear
+    reference: Reference
+    options: Options
+
+    def forward(self, rows: dict, prompt_length: int, with_entropy: bool = False):
+        """Answer-aligned (logprobs, entropy or None, values), each (n, R), of some rollout rows."""
+        hidden = final_hidden(self.model, rows["input_ids"], rows["attention_mask"])  # (n, P+R, H)
+        temperature = self.options.temperature
+        logprobs, entropy = answer_logprobs(
+            self.model, hidden, rows, prompt_length, temperature, with_entropy
         )
-        values = token_values(value_head, hidden)  # (n, P+R)
-        p = prompt_length
-        return logprobs[:, p:], entropy[:, p:] if with_entropy else None, values[:, p - 1 : -1]
+        values = token_values(self.value_head, hidden)  # (n, P+R): V of the state before each token
+        return logprobs, entropy, values[:, prompt_length - 1 : -1]
 
-    def chunk_loss(rows: dict, p: int, chunk, tokens, old_logprobs, old_values, advantages, returns, mask):
-        """PPO's loss of some rows (summed over their tokens / the mini-batch's `tokens`) and its parts."""
-        logprobs, _, values = policy_forward(rows, p)  # (n, R) each
+
+def ppo_step(online: OnlineRun, policy: Policy, optimizer, step: int, prompt_batch: PromptBatch) -> dict:
+    """Steps 1-5 of the module docstring on one batch of prompts; returns the step's figures."""
+    run, options = online.run, policy.options
+    positions, prompts = prompt_batch
+    sampled = online.sample_and_score(prompts, step, positions)  # 1-2. keyed: the same whatever the rank
+    penalised, scores = shaped_scores(run, sampled, options)  # 2.
+    batch = ppo_batch(run, policy, sampled.rollout, sampled.mask, scores)  # 3-4.
+    micro = max(1, run.config.train.grad_accum)
+    figures = policy_updates(run, optimizer, batch, options.ppo_epochs, options.num_mini_batches, micro)  # 5.
+    sums = {
+        "reward": penalised.sum(),
+        "kl": batch.kl.sum(),
+        "response_length": batch.mask.sum(),
+        "eos_fraction": sampled.rollout.ended.float().sum(),
+        **{f"reward/{name}": values.sum() for name, values in sampled.parts.items()},
+    }
+    figures.update(online.global_means(sums, sampled.size))  # figures of the global batch
+    figures["entropy"] = float(masked_mean(batch.entropy, batch.mask, all_sum=run.dist.all_sum))
+    return figures
+
+
+def shaped_scores(run: Run, sampled: Sampled, options: Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the scores minus `missing_eos_penalty` for answers cut before EOS, logged as `reward`; those
+    whitened over the global batch (`whiten_scores`), which the rewards use), each (N,)."""
+    scores = sampled.scores.to(run.device)
+    if options.missing_eos_penalty:
+        scores = scores - options.missing_eos_penalty * (~sampled.rollout.ended.to(run.device)).float()
+    penalised, every, total = scores, torch.ones_like(scores), run.dist.all_sum
+    if options.whiten_scores and float(total(every.sum())) > 1:
+        mean = masked_mean(scores, every, all_sum=total)
+        std = masked_var(scores, every, all_sum=total).sqrt()
+        scores = (scores - mean) / (std + 1e-8)  # the value head's scale
+    return penalised, scores
+
+
+@torch.no_grad()
+def ppo_batch(run: Run, policy: Policy, rollout: Rollout, mask: torch.Tensor, scores: torch.Tensor):
+    """Steps 3-4: log-probs, values and reference log-probs at rollout time, per-token rewards with
+    the KL penalty, GAE advantages and returns: the `PPOBatch` the updates read."""
+    options, total = policy.options, run.dist.all_sum
+    p, micro = rollout.prompt_length, max(1, run.config.train.grad_accum)
+    old_logprobs, old_values, entropy = [], [], []
+    with run.autocast():
+        for chunk in split(torch.arange(len(scores)), micro):
+            logprobs, chunk_entropy, values = policy.forward(rollout.rows(chunk), p, with_entropy=True)
+            old_logprobs.append(logprobs.float())
+            entropy.append(chunk_entropy)
+            old_values.append(values.float())
+        ref_logprobs = reference_answer_logprobs(policy.reference, rollout, options.temperature, micro)
+    old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask  # (N, R)
+    kl = per_token_kl(old_logprobs, ref_logprobs, options.kl_estimator) * mask  # (N, R)
+    rewards = token_rewards(scores, kl, mask, options.kl_coef)  # (N, R)
+    advantages, returns = gae(rewards, old_values, mask, options.gamma, options.lam)
+    if options.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, all_sum=total)
+    return PPOBatch(
+        run, policy, rollout, mask, old_logprobs, old_values, advantages, returns, torch.cat(entropy), kl
+    )
+
+
+@dataclass
+class PPOBatch:
+    """One step's rollouts as PPO's updates read them (`tunelab.rl.updates.RolloutBatch`); every
+    tensor (N, R), aligned with the answers."""
+
+    run: Run
+    policy: Policy
+    rollout: Rollout
+    mask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.mask)
+
+    def normaliser(self, rows: torch.Tensor) -> torch.Tensor:
+        """The answer tokens of global mini-batch `rows` (token means over the whole mini-batch)."""
+        return self.run.dist.all_sum(self.mask[rows].sum()).clamp(min=1.0)
+
+    def loss(self, chunk: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """PPO's loss of the rows `chunk`, summed over their tokens / the mini-batch's `tokens`, and
+        its parts (each a sum over the chunk's tokens / `tokens`)."""
+        options = self.policy.options
+        logprobs, _, values = self.policy.forward(self.rollout.rows(chunk), self.rollout.prompt_length)
         pg, pg_clipped = clipped_policy_loss(
-            logprobs.float(), old_logprobs[chunk], advantages[chunk], options.clip_range
+            logprobs.float(), self.old_logprobs[chunk], self.advantages[chunk], options.clip_range
         )
         vf, vf_clipped = clipped_value_loss(
-            values.float(), old_values[chunk], returns[chunk], options.value_clip_range
+            values.float(), self.old_values[chunk], self.returns[chunk], options.value_clip_range
         )
-        m = mask[chunk]
-        loss = ((pg + options.vf_coef * vf) * m).sum() / tokens
+        mask = self.mask[chunk]
+        loss = ((pg + options.vf_coef * vf) * mask).sum() / tokens
         parts = {
             "loss": pg + options.vf_coef * vf,
             "policy_loss": pg,
             "value_loss": vf,
             "clip_frac": pg_clipped,
             "value_clip_frac": vf_clipped,
-            "approx_kl": approx_policy_kl(logprobs.detach().float(), old_logprobs[chunk]),
+            "approx_kl": approx_policy_kl(logprobs.detach().float(), self.old_logprobs[chunk]),
         }
-        return loss, {key: float((value.detach() * m).sum() / tokens) for key, value in parts.items()}
-
-    def step_fn(step: int, batch: PromptBatch, optimizer) -> dict:
-        positions, prompts = batch
-        # 1-2. Rollouts (keyed: the same whatever the rank) and their scores.
-        rollout = online.sample(prompts, step, positions)
-        p, n = rollout.prompt_length, len(prompts)
-        mask = rollout.response_mask.to(run_.device)  # (N, R)
-        scores, parts = online.score(prompts, rollout)
-        scores = scores.to(run_.device)
-        ended = rollout.ended.to(run_.device)
-        if options.missing_eos_penalty:
-            scores = scores - options.missing_eos_penalty * (~ended).float()
-        raw_scores = scores
-        every = torch.ones_like(scores)
-        if options.whiten_scores and float(total(every.sum())) > 1:
-            mean = masked_mean(scores, every, all_sum=total)  # over the global batch
-            std = masked_var(scores, every, all_sum=total).sqrt()
-            scores = (scores - mean) / (std + 1e-8)  # (N,), the value head's scale
-
-        # 3-4. Log-probs, values and reference log-probs at rollout time; rewards, advantages.
-        old_logprobs, old_values, entropy, ref_logprobs = [], [], [], []
-        with torch.no_grad(), run_.autocast():
-            for chunk in split(torch.arange(n), micro):
-                rows = rollout.rows(chunk)
-                logprobs, chunk_entropy, values = policy_forward(rows, p, with_entropy=True)
-                old_logprobs.append(logprobs.float())
-                entropy.append(chunk_entropy)
-                old_values.append(values.float())
-                ref = reference_logprobs(reference, **rows, temperature=options.temperature)
-                ref_logprobs.append(ref[:, p:])
-        old_logprobs, old_values = torch.cat(old_logprobs), torch.cat(old_values) * mask  # (N, R)
-        entropy, ref_logprobs = torch.cat(entropy), torch.cat(ref_logprobs)
-        kl = per_token_kl(old_logprobs, ref_logprobs, options.kl_estimator) * mask  # (N, R)
-        rewards_t = token_rewards(scores, kl, mask, options.kl_coef)  # (N, R)
-        advantages, returns = gae(rewards_t, old_values, mask, options.gamma, options.lam)
-        if options.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, all_sum=total)
-
-        # 5. PPO epochs over mini-batches (token means over each global mini-batch), in micro-batches.
-        tensors = (old_logprobs, old_values, advantages, returns, mask)
-        row = policy_updates(
-            run_,
-            optimizer,
-            n,
-            options.ppo_epochs,
-            options.num_mini_batches,
-            micro,
-            normaliser=lambda rows: total(mask[rows].sum()).clamp(min=1.0),
-            chunk_loss=lambda chunk, tokens: chunk_loss(rollout.rows(chunk), p, chunk, tokens, *tensors),
-        )
-
-        # Figures of the global batch: sums over ranks / rollouts.
-        local = {
-            "reward": raw_scores.sum(),
-            "kl": kl.sum(),
-            "response_length": mask.sum(),
-            "eos_fraction": ended.float().sum(),
-            **{f"reward/{name}": values.sum() for name, values in parts.items()},
-        }
-        count, *values = run_.dist.sum(n, *(float(v) for v in local.values()))
-        row.update({key: value / count for key, value in zip(local, values, strict=True)})
-        row["entropy"] = float(masked_mean(entropy, mask, all_sum=total))
-        return row
-
-    before = online.evaluate() if online.data.eval else {}
-    evaluate = online.evaluate if online.data.eval else None
-    result = online_loop(run_, online.prompt_batches, step_fn, online.steps(), evaluate)
-    detach_head(model, VALUE_HEAD)
-    reference.copy = None
-    return online.finish(result, before, last_keys=("kl",))
+        return loss, {key: float((value.detach() * mask).sum() / tokens) for key, value in parts.items()}

@@ -18,16 +18,18 @@ see tunelab/rl/reward_model.py), which PPO (`objective.reward_model`) and `tunel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 
 from tunelab.config import RunConfig
-from tunelab.data.preference import PairExample, prepare_preferences
 from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
-from tunelab.objectives.pairs import held_out_pair_batches, pair_batches, pair_count, real_tokens
+from tunelab.objectives.pairs import held_out_pair_figures, load_pairs, pair_batches
 from tunelab.rl.reward_model import REWARD_HEAD, attach_head, detach_head, save_reward_head, sequence_rewards
-from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import report_data, save_final, setup_run, write_summary
+from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
+from tunelab.training.optim import build_optimizer
+from tunelab.training.setup import Run, before_and_after, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -43,77 +45,81 @@ class Options:
 
 def run(config: RunConfig) -> dict:
     """Train a reward model; returns the summary written to `summary.json`."""
-    cfg, options = config, config.objective.options
-    run_ = setup_run(cfg)
-    tokenizer, model = run_.tokenizer, run_.model
-    data = prepare_preferences(cfg.data, tokenizer, seed=cfg.train.seed)
-    eval_count = len(data.eval) if data.eval else 0
-    report_data(run_, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
-    head = attach_head(model, REWARD_HEAD)
+    # Set-up: the model with its method and a scalar head, the pairs, the optimizer.
+    cfg, options = config.train, config.objective.options
+    run = setup_run(config)
+    data = load_pairs(run)
+    head = attach_head(run.model, REWARD_HEAD)
     center = options.center_coefficient or 0.0
     if not center:  # b cancels in r_c - r_r: its gradient is exactly 0, Adam would move it on rounding noise
         head.bias.requires_grad_(False)
     # The score comes from the hidden states: the LM head (and a LoRA on it) gets no gradient.
-    run_.dist.find_unused_parameters = True
-    pad_id = tokenizer.pad_token_id
-
-    def rewards(batch):
-        """(r_chosen (B,), r_rejected (B,)) of a batch of pairs."""
-        return sequence_rewards(model, head, batch["input_ids"], batch["attention_mask"]).chunk(2)
-
-    def loss_fn(batch):
-        chosen, rejected = rewards(batch)
-        losses = bradley_terry_loss(chosen, rejected, batch["margin"], center)  # (B,)
-        extras = {
-            "accuracy": pairwise_accuracy(chosen, rejected).sum(),
-            "margin": (chosen - rejected).detach().sum(),
-            "reward_chosen": chosen.detach().sum(),
-            "reward_rejected": rejected.detach().sum(),
-        }
-        return losses.sum(), extras
-
-    @torch.no_grad()
-    def evaluate(pairs: list[PairExample] | None = None) -> dict:
-        """Held-out Bradley-Terry loss, pairwise accuracy and mean reward margin."""
-        pairs = pairs if pairs is not None else data.eval
-        was_training = model.training
-        model.eval()
-        loss = accuracy = margin = 0.0
-        count = 0
-        for batch in held_out_pair_batches(run_, pairs, pad_id):
-            with run_.autocast():
-                chosen, rejected = rewards(batch)
-            chosen, rejected = chosen.float(), rejected.float()
-            loss += float(bradley_terry_loss(chosen, rejected, batch["margin"], center).sum())
-            accuracy += float(pairwise_accuracy(chosen, rejected).sum())
-            margin += float((chosen - rejected).sum())
-            count += len(chosen)
-        model.train(was_training)
-        count = max(count, 1)
-        return {"eval_loss": loss / count, "eval_accuracy": accuracy / count, "eval_margin": margin / count}
-
-    before = evaluate() if data.eval else {}
+    run.dist.find_unused_parameters = True
+    figures = partial(reward_figures, run.model, head, center)
+    evaluate = partial(held_out_pair_figures, run, data.eval, figures) if data.eval else None
+    before = evaluate() if evaluate else {}
     if before:
-        run_.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
-    steps = total_steps(run_, -(-len(data.train) // run_.global_batch))
+        run.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
+    steps = total_steps(run, -(-len(data.train) // run.global_batch))
+    run.dist.wrap(run.model)  # DDP or FSDP2 under torchrun (the head is attached first)
+    optimizer = build_optimizer(run.model, cfg)
+    start = resume(run, optimizer)
+    batches = pair_batches(run, data.train, position=start * cfg.grad_accum)
 
-    def make_batches(position: int):
-        return pair_batches(run_, data.train, pad_id, position)
+    # The loop: one optimizer step per `grad_accum` micro-batches of pairs.
+    loop = StepLoop(run, optimizer, steps, start, evaluate)
+    with loop.running():
+        for step in loop.step_numbers():
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            loss_fn = partial(reward_loss_sum, run.model, head, center)
+            loop.end_step(
+                step, accumulated_step(run, optimizer, micro_batches, loss_fn), step * cfg.grad_accum
+            )
 
-    result = optimize(
-        run_, make_batches, loss_fn, pair_count, steps, evaluate if data.eval else None, real_tokens
-    )
+    # The end: held-out figures, `final/` with the head beside the method's artifact, `summary.json`.
+    summary = {"steps": steps, "final_train_loss": loop.result().final_loss}
+    if evaluate:
+        summary.update(before_and_after(before, evaluate()))
+    return save_with_head(run, head, data.template, summary)
 
-    summary = {"steps": result.steps, "final_train_loss": result.final_loss}
-    if data.eval:
-        summary.update({f"{k}_before": v for k, v in before.items()})
-        summary.update(evaluate())
-    head_state = run_.dist.full_state_dict(head)  # every rank (FSDP gathers); the tensors on rank 0
-    detach_head(model, REWARD_HEAD)
-    final = save_final(run_)
-    if run_.is_main:
-        saved = torch.nn.Linear(head.in_features, 1)
+
+def rewards(model, head: nn.Linear, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (P,), r_rejected (P,)) of a batch of pairs (chosen rows first, then rejected)."""
+    return sequence_rewards(model, head, batch["input_ids"], batch["attention_mask"]).chunk(2)
+
+
+def reward_loss_sum(model, head: nn.Linear, center: float, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The Bradley-Terry loss summed over a micro-batch's pairs, and its figures summed too."""
+    chosen, rejected = rewards(model, head, batch)
+    losses = bradley_terry_loss(chosen, rejected, batch["margin"], center)  # (P,)
+    extras = {
+        "accuracy": pairwise_accuracy(chosen, rejected).sum(),
+        "margin": (chosen - rejected).detach().sum(),
+        "reward_chosen": chosen.detach().sum(),
+        "reward_rejected": rejected.detach().sum(),
+    }
+    return losses.sum(), extras
+
+
+def reward_figures(model, head: nn.Linear, center: float, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-pair held-out figures: Bradley-Terry loss, pairwise accuracy, reward margin (each (P,))."""
+    chosen, rejected = (r.float() for r in rewards(model, head, batch))
+    return {
+        "loss": bradley_terry_loss(chosen, rejected, batch["margin"], center),
+        "accuracy": pairwise_accuracy(chosen, rejected),
+        "margin": chosen - rejected,
+    }
+
+
+def save_with_head(run: Run, head: nn.Linear, template: str, summary: dict) -> dict:
+    """Save `final/` (the method's artifact) with the reward head and `reward_model.json` beside it,
+    and write `summary.json`. Every rank calls it (FSDP gathers the head); rank 0 writes."""
+    head_state = run.dist.full_state_dict(head)  # the tensors on rank 0
+    detach_head(run.model, REWARD_HEAD)
+    final = save_final(run)
+    if run.is_main:
+        saved = nn.Linear(head.in_features, 1)
         saved.load_state_dict(head_state)
-        save_reward_head(final, saved, data.template, cfg.method.name, cfg.model.name_or_path)
+        save_reward_head(final, saved, template, run.config.method.name, run.config.model.name_or_path)
     summary["final_dir"] = str(final)
-    return write_summary(run_, summary)
+    return write_summary(run, summary)

@@ -3,26 +3,31 @@
     L = - (1 / N) sum_{target tokens t} log p_theta(y_t | y_<t)
 
 over the response tokens (all tokens with `data.train_on_prompt`, or for raw text), N = target
-tokens in the optimizer step. The recipe: load data -> set up model and method -> evaluate ->
-train -> evaluate -> save `final/`.
+tokens in the optimizer step. The recipe: load data -> set up model and method -> train ->
+evaluate -> save `final/`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
+
+import torch
 
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream, count_targets, pad_batch, to_device
 from tunelab.data.dataset import prepare_data
-from tunelab.data.packing import pack_batch
-from tunelab.data.packing import real_tokens as count_real_tokens
+from tunelab.data.packing import pack_batch, real_tokens
+from tunelab.data.tokenize import TokenizedExample
 from tunelab.evaluate import evaluate_loss, exact_match
 from tunelab.kernels import cpu_attention
 from tunelab.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
 from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
-from tunelab.training.loop import optimize, total_steps
-from tunelab.training.setup import report_data, save_final, setup_run, write_summary
+from tunelab.training.loop import MicroBatch, StepLoop, accumulated_step, resume, total_steps
+from tunelab.training.optim import build_optimizer
+from tunelab.training.setup import Run, finish, report_data, setup_run
 
 
 @dataclass
@@ -32,71 +37,101 @@ class Options:
 
 def run(config: RunConfig) -> dict:
     """Train a model with the SFT objective; returns the summary written to `summary.json`."""
-    cfg = config
-    run_ = setup_run(cfg)
-    tokenizer, model = run_.tokenizer, run_.model
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.train.seed)
-    eval_count = len(data.eval.examples) if data.eval else 0
+    # Set-up: the model with its method, the data, the optimizer.
+    cfg = config.train
+    run = setup_run(config)
+    model = run.model
+    data = prepare_data(config.data, run.tokenizer, seed=cfg.seed)
     details = f"format {data.format}, template {data.template}"
-    report_data(run_, len(data.train.examples), eval_count, "examples", details, data.notes)
-
-    if cfg.data.packing:
-        attention = use_packed_attention(model, native=cfg.data.native_attention)
-        if attention == PACKED_ATTENTION and run_.device.type == "cpu":
-            kernel = (
-                "C++ kernel" if cpu_attention.build() else "SDPA per example: the C++ kernel did not build"
-            )
-            attention = f"{attention} ({kernel})"
-        run_.print(f"[tunelab] packing: one padding-free row per micro-batch, {attention} attention")
-    train_examples = data.train.examples
-    lengths = [len(e.input_ids) for e in train_examples]
-    pad_id = tokenizer.pad_token_id
-
-    def make_batches(position: int):
-        for indices in batch_stream(
-            lengths, run_.global_batch, cfg.train.seed, position, cfg.data.group_by_length
-        ):
-            examples = [train_examples[i] for i in run_.dist.shard(indices)]
-            batch = pack_batch(examples) if cfg.data.packing else pad_batch(examples, pad_id)
-            yield to_device(batch, run_.device)
-
-    def loss_fn(batch):
-        return model_lm_loss_sum(model, batch, cfg.train.loss_chunk_size, cfg.train.chunked_loss), {}
-
-    def units(batch):
-        return count_targets(batch["labels"])
-
-    def real_tokens(batch):
-        return count_real_tokens(batch)
-
-    def evaluate():
-        return evaluate_loss(
-            model, data.eval.examples, pad_id, cfg.train.batch_size, cfg.train.eval_batches, run_.autocast()
+    report_data(
+        run,
+        len(data.train.examples),
+        len(data.eval.examples) if data.eval else 0,
+        "examples",
+        details,
+        data.notes,
+    )
+    if config.data.packing:
+        run.print(
+            f"[tunelab] packing: one padding-free row per micro-batch, {packed_attention(run)} attention"
         )
+    evaluate = partial(held_out_loss, run, data.eval.examples) if data.eval else None
+    steps = total_steps(run, -(-len(data.train.examples) // run.global_batch))
+    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
+    optimizer = build_optimizer(model, cfg)
+    start = resume(run, optimizer)
+    batches = sft_batches(run, data.train.examples, position=start * cfg.grad_accum)
 
-    steps = total_steps(run_, -(-len(train_examples) // run_.global_batch))
-    result = optimize(run_, make_batches, loss_fn, units, steps, evaluate if data.eval else None, real_tokens)
+    # The loop: one optimizer step per `grad_accum` micro-batches.
+    loop = StepLoop(run, optimizer, steps, start, evaluate)
+    with loop.running():
+        for step in loop.step_numbers():
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            figures = accumulated_step(run, optimizer, micro_batches, partial(sft_loss, run))
+            loop.end_step(step, figures, data_position=step * cfg.grad_accum)
 
+    # The end: held-out figures, `final/`, `summary.json`.
     trainable, total = count_parameters(model)
     summary = {
-        "steps": result.steps,
-        "final_train_loss": result.final_loss,
+        "steps": steps,
+        "final_train_loss": loop.result().final_loss,
         "trainable_params": trainable,
         "all_params": total,
     }
     if data.eval:
-        summary.update(evaluate())
-        if cfg.eval.generate and data.format in ("instruction", "chat", "prompt_completion"):
-            accuracy, _ = exact_match(
-                model,
-                tokenizer,
-                data.eval.conversations,
-                data.template,
-                cfg.eval.max_new_tokens,
-                cfg.eval.batch_size,
-                cfg.eval.num_examples,
-            )
-            summary["exact_match"] = accuracy
-    final = save_final(run_)
-    summary["final_dir"] = str(final)
-    return write_summary(run_, summary)
+        summary.update(held_out_loss(run, data.eval.examples))
+        if config.eval.generate and data.format in ("instruction", "chat", "prompt_completion"):
+            summary["exact_match"] = held_out_exact_match(run, data.eval.conversations, data.template)
+    return finish(run, summary)
+
+
+def packed_attention(run: Run) -> str:
+    """Switch the model to attention within packed examples; returns what it now uses (on CPU, with
+    the C++ kernel built now rather than in the first step)."""
+    attention = use_packed_attention(run.model, native=run.config.data.native_attention)
+    if attention == PACKED_ATTENTION and run.device.type == "cpu":
+        built = cpu_attention.build()
+        attention += " (C++ kernel)" if built else " (SDPA per example: the C++ kernel did not build)"
+    return attention
+
+
+def sft_batches(run: Run, examples: list[TokenizedExample], position: int) -> Iterator[MicroBatch]:
+    """This process's micro-batches of the seeded training order, from micro-batch `position` on:
+    packed into one row (`data.packing`) or padded; units = target tokens."""
+    config = run.config
+    lengths = [len(e.input_ids) for e in examples]
+    pad_id = run.tokenizer.pad_token_id
+    order = batch_stream(lengths, run.global_batch, config.train.seed, position, config.data.group_by_length)
+    for indices in order:
+        chosen = [examples[i] for i in run.dist.shard(indices)]
+        batch = pack_batch(chosen) if config.data.packing else pad_batch(chosen, pad_id)
+        yield MicroBatch(to_device(batch, run.device), count_targets(batch["labels"]), real_tokens(batch))
+
+
+def sft_loss(run: Run, tensors: dict) -> tuple[torch.Tensor, dict]:
+    """The summed next-token loss of a micro-batch (`tunelab.logprobs.model_lm_loss_sum`); no extras."""
+    cfg = run.config.train
+    return model_lm_loss_sum(run.model, tensors, cfg.loss_chunk_size, cfg.chunked_loss), {}
+
+
+def held_out_loss(run: Run, examples: list[TokenizedExample]) -> dict:
+    """Per-token loss and perplexity on the held-out examples (up to `train.eval_batches` batches)."""
+    cfg = run.config.train
+    return evaluate_loss(
+        run.model, examples, run.tokenizer.pad_token_id, cfg.batch_size, cfg.eval_batches, run.autocast()
+    )
+
+
+def held_out_exact_match(run: Run, conversations: list, template: str) -> float:
+    """Exact-match accuracy of greedy answers to the held-out prompts (`eval.*` settings)."""
+    cfg = run.config.eval
+    accuracy, _ = exact_match(
+        run.model,
+        run.tokenizer,
+        conversations,
+        template,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        cfg.num_examples,
+    )
+    return accuracy

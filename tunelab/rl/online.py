@@ -1,6 +1,6 @@
-"""What the online objectives (PPO, GRPO) share around their updates: setting up the run with its
-prompts and rewards, the prompt batches of each step, sampling and scoring rollouts, evaluation on
-held-out prompts, and the end of the run.
+"""What the online objectives (PPO, GRPO) share around their updates: the options they share, setting
+up the run with its prompts and rewards, the prompt batches of each step, sampling and scoring
+rollouts, evaluation on held-out prompts, and the end of the run.
 
 Prompt batches: step k takes the k-th batch of `train.batch_size x ranks` prompts of the seeded
 order (`tunelab.data.collate.batch_stream`), and each rank takes the same number of them
@@ -10,8 +10,8 @@ are made (tunelab/rl/rollouts.py): so a response depends on its prompt, step and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,58 +19,60 @@ from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import PromptData, PromptExample, prepare_prompts
 from tunelab.models import disable_dropout
-from tunelab.rl.rewards import Rewards
+from tunelab.rl.rewards import Rewards, check_reward_spec
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
-from tunelab.training.loop import LoopResult, apply_gradients
-from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
+from tunelab.training.loop import LoopResult
+from tunelab.training.setup import Run, before_and_after, finish, report_data, setup_run
 
 PromptBatch = tuple[list[int], list[PromptExample]]
 """This rank's positions in the step's global batch, and its prompts."""
 
 
-def split(indices: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """`indices` in `parts` nearly equal, non-empty chunks."""
-    return [chunk for chunk in indices.tensor_split(parts) if len(chunk)]
+@dataclass
+class OnlineOptions:
+    """The options PPO and GRPO share: where the score comes from, how answers are sampled, and
+    how many optimizer steps a pass over them takes. Each objective's `Options` adds its own."""
+
+    reward_model: str | None = None
+    """A reward model trained with `objective: reward` (its run folder or `final/`; weight 1); same tokenizer."""
+    reward_functions: list[str] = field(default_factory=list)
+    """Python reward functions, `package.module:function` or `path/file.py:function` (see tunelab/rl/rewards.py)."""
+    reward_weights: list[float] | None = None
+    """Weight of each reward function (default 1 each); the reward model's weight is 1."""
+    max_new_tokens: int = 64
+    """Longest answer sampled."""
+    temperature: float = 1.0
+    """Sampling temperature tau; the log-probs are those of the tempered policy."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest token set holding this much probability."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass over a step's answers: they are split into this many mini-batches."""
+
+    def __post_init__(self):
+        check_reward_spec(self.reward_functions, self.reward_weights, self.reward_model)
+        for name in ("max_new_tokens", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be > 0 and top_p in (0, 1]")
 
 
-ChunkLoss = Callable[[torch.Tensor, object], tuple[torch.Tensor, dict[str, float]]]
-"""(rollout rows of a micro-batch, the mini-batch's normaliser) -> (loss to back-propagate, logged
-parts already divided by the normaliser)."""
+@dataclass
+class Sampled:
+    """A step's sampled answers with their scores."""
 
+    rollout: Rollout
+    mask: torch.Tensor
+    """(N, R) float on the run's device: 1 on answer tokens up to and including the first EOS."""
+    scores: torch.Tensor
+    """(N,) the weighted score of each answer."""
+    parts: dict[str, torch.Tensor]
+    """Each reward's scores (N,) by name, unweighted."""
 
-def policy_updates(
-    run: Run,
-    optimizer: torch.optim.Optimizer,
-    n: int,
-    passes: int,
-    num_mini_batches: int,
-    micro: int,
-    normaliser: Callable[[torch.Tensor], object],
-    chunk_loss: ChunkLoss,
-) -> dict[str, float]:
-    """`passes` over this rank's N rollouts, each in `num_mini_batches` shuffled mini-batches (one
-    optimizer step each) split into `micro` micro-batches. `normaliser(rows)` gives what a
-    mini-batch's losses are divided by (global over ranks: every rank's mini-batch j is a part of
-    global mini-batch j); every backward runs through `Parallel.forward`, DDP synchronising on the
-    last micro-batch. Returns each logged part summed over ranks and averaged over the updates,
-    and the mean gradient norm."""
-    totals: dict[str, float] = {}
-    grad_norm, updates = 0.0, 0
-    for _ in range(passes):
-        for rows in split(torch.randperm(n), num_mini_batches):
-            norm = normaliser(rows)
-            chunks = split(rows, micro)
-            for index, chunk in enumerate(chunks):
-                with run.dist.grad_sync(index == len(chunks) - 1):
-                    with run.autocast():
-                        loss, parts = run.dist.forward(chunk_loss, chunk, norm)
-                    (loss * run.dist.world_size).backward()  # ranks average gradients: x W gives their sum
-                for key, value in parts.items():
-                    totals[key] = totals.get(key, 0.0) + value
-            grad_norm += apply_gradients(run, optimizer)
-            updates += 1
-    sums = dict(zip(totals, run.dist.sum(*totals.values()), strict=True))
-    return {**{key: value / updates for key, value in sums.items()}, "grad_norm": grad_norm / updates}
+    @property
+    def size(self) -> int:
+        """N, the answers sampled."""
+        return len(self.scores)
 
 
 @dataclass
@@ -80,9 +82,7 @@ class OnlineRun:
     run: Run
     data: PromptData
     rewards: Rewards
-    max_new_tokens: int
-    temperature: float
-    top_p: float
+    options: OnlineOptions
     answer: str
     """What the objective calls a sampled answer in its metrics: `response` or `completion`."""
 
@@ -105,7 +105,7 @@ class OnlineRun:
             config.model.dtype,
         )
         disable_dropout(run.model)
-        return cls(run, data, rewards, options.max_new_tokens, options.temperature, options.top_p, answer)
+        return cls(run, data, rewards, options, answer)
 
     def steps(self) -> int:
         """`train.max_steps`, or the steps of `train.epochs` passes over the prompts."""
@@ -122,25 +122,28 @@ class OnlineRun:
             positions = self.run.dist.even_shard(len(indices))
             yield positions, [self.data.train[indices[i]] for i in positions]
 
-    def sample(self, prompts: list[PromptExample], step: int, positions: list[int]) -> Rollout:
-        """One sampled answer per prompt; `positions`: each prompt's place in the global batch (the
-        sampling key, with the seed and the step)."""
+    def sample_and_score(self, prompts: list[PromptExample], step: int, positions: list[int]) -> Sampled:
+        """One sampled answer per prompt, and its scores; `positions`: each prompt's place in the
+        global batch (the sampling key, with the seed and the step)."""
         keys = sampling_keys(self.run.config.train.seed, step, positions)
-        return self._generate(prompts, greedy=False, keys=keys)
+        rollout = self._generate(prompts, greedy=False, keys=keys)
+        scores, parts = self._score(prompts, rollout)
+        return Sampled(rollout, rollout.response_mask.to(self.run.device), scores, parts)
 
     def _generate(self, prompts: list[PromptExample], greedy: bool, keys=None) -> Rollout:
+        options = self.options
         return generate_rollouts(
             self.run.model,
             self.run.tokenizer,
             [p.prompt_ids for p in prompts],
-            self.max_new_tokens,
-            self.temperature,
-            self.top_p,
+            options.max_new_tokens,
+            options.temperature,
+            options.top_p,
             greedy,
             keys=keys,
         )
 
-    def score(self, prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict]:
+    def _score(self, prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         """(scores (N,), each reward's scores by name) of the rollout's answers."""
         return self.rewards.score(
             [p.prompt for p in prompts],
@@ -162,7 +165,7 @@ class OnlineRun:
         for start in range(0, len(prompts), cfg.batch_size):
             batch = prompts[start : start + cfg.batch_size]
             rollout = self._generate(batch, greedy=True)
-            scores, parts = self.score(batch, rollout)
+            scores, parts = self._score(batch, rollout)
             sums = {
                 "eval_reward": scores,
                 **{f"eval_reward/{k}": v for k, v in parts.items()},
@@ -172,6 +175,11 @@ class OnlineRun:
                 totals[name] = totals.get(name, 0.0) + float(values.sum())
             count += len(batch)
         return {key: value / max(count, 1) for key, value in totals.items()}
+
+    def global_means(self, sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
+        """Each local sum summed over ranks and divided by `count` summed over ranks."""
+        total, *values = self.run.dist.sum(count, *(float(v) for v in sums.values()))
+        return {key: value / total for key, value in zip(sums, values, strict=True)}
 
     def finish(self, result: LoopResult, before: dict, last_keys: tuple[str, ...] = ()) -> dict:
         """Evaluate again, save `final/` (every rank; call it once heads are detached and reference
@@ -186,8 +194,5 @@ class OnlineRun:
             **{f"{key}_last_step": last.get(key) for key in last_keys},
         }
         if self.data.eval:
-            summary.update({f"{k}_before": v for k, v in before.items()})
-            summary.update(self.evaluate())
-        final = save_final(self.run)
-        summary["final_dir"] = str(final)
-        return write_summary(self.run, summary)
+            summary.update(before_and_after(before, self.evaluate()))
+        return finish(self.run, summary)

@@ -28,8 +28,8 @@ floating-point summation order. The logged loss and metrics are all-reduced sums
 the global figures.
 
 Strategies (`train.strategy`). `setup_run` joins the process group; the model becomes
-data-parallel in `Parallel.wrap`, which `optimize` calls before building the optimizer, so that
-what an objective adds first (a reward or value head, a frozen reference copy) is included.
+data-parallel in `Parallel.wrap`, which each recipe calls before building the optimizer, once what
+the objective adds (a reward or value head, a frozen reference copy) is in place.
 - `ddp` (and `auto`): the model is replicated; `DistributedDataParallel` all-reduces gradients in
   buckets during the backward pass, and not on the micro-batches before the last of a step. The
   loss function runs inside DDP's forward (`Parallel.forward`), so every parameter it touches,
@@ -45,9 +45,9 @@ what an objective adds first (a reward or value head, a frozen reference copy) i
 Checkpoints and `final/` have the single-device format: sharded tensors are gathered one at a time
 (`full_tensor`) and rank 0 writes them; on resume every rank reads the files and keeps its shard.
 So a checkpoint can be resumed with any number of processes, and `final/` loads on one device.
-Each rank's RNG states are kept (dropout differs per rank: each seeds with `seed + rank` once the
-model is wrapped, so with dropout the losses match a single process in distribution only). Every
-rank reads the checkpoint, so with several machines `output_dir` must be on storage they share.
+Each rank's RNG states are kept (tunelab/training/rng.py; dropout differs per rank: each seeds
+with `seed + rank` once the model is wrapped, so with dropout the losses match a single process in
+distribution only). Every rank reads the checkpoint, so with several machines `output_dir` must be on storage they share.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Parallel:
     def wrap(self, model: nn.Module) -> None:
         """Make `model` data-parallel, once: a DDP wrapper, or FSDP2 shards (in place). Call it when
         the model is complete (heads attached, reference copies made) and before building the
-        optimizer; `optimize` does. Then seed each rank with `seed + rank`, so that dropout differs
+        optimizer; every recipe does. Then seed each rank with `seed + rank`, so that dropout differs
         per rank. One process, or a second call: does nothing."""
         if self.world_size == 1 or self.wrapped:
             return
@@ -150,7 +150,7 @@ class Parallel:
         """A frozen eval-mode copy of `model` (a reference policy), made before `wrap`. Under FSDP
         it is sharded like the model, so that no rank holds a whole second model."""
         if self.wrapped:
-            raise TunelabError("make frozen copies of the model before training starts (before wrap)")
+            raise RuntimeError("make frozen copies of the model before it is wrapped (run.dist.wrap)")
         twin = copy.deepcopy(model).eval()
         twin.requires_grad_(False)
         if self.world_size > 1 and self.strategy == "fsdp":
@@ -235,25 +235,6 @@ class Parallel:
             if self.is_main:
                 state[name] = whole.contiguous().cpu()
         return state
-
-    def unsharded_model(self, run) -> nn.Module | None:
-        """All ranks: gather the trained parameters; rank 0 gets a plain CPU copy of the trained
-        model (base model reloaded + method applied + trained tensors), the other ranks None.
-
-        Only trainable parameters are gathered: everything else is the base model, as in a
-        checkpoint. Trainable modules the method did not create (a reward head an objective
-        attached) are not in the copy: save those with `full_state_dict`."""
-        from tunelab.methods import trainable_parameters
-        from tunelab.training.setup import prepare_model
-
-        weights = gather_trainable(run.model, self.is_main)
-        if not self.is_main:
-            return None
-        model, _, _ = prepare_model(run.config, torch.device("cpu"))
-        with torch.no_grad():
-            for name, p in trainable_parameters(model).items():
-                p.copy_(weights[name])
-        return model
 
 
 # ---------------------------------------------------------------- process group

@@ -1,16 +1,26 @@
-"""The optimisation loop shared by the supervised objectives (sft, reward, dpo).
+"""The parts of a training loop that every objective shares. Each recipe (tunelab/objectives/)
+writes its own loop with them, so that it reads top to bottom:
 
-One optimizer step takes `grad_accum` micro-batches. Each micro-batch's loss function returns a
-*sum* over its units (target tokens for sft, pairs for reward/dpo), and the step divides by the
-units of all its micro-batches together:
+    run.dist.wrap(model)                          # DDP or FSDP2 under torchrun; one process: nothing
+    optimizer = build_optimizer(model, cfg.train)
+    start = resume(run, optimizer)                # the latest checkpoint's step with train.resume, else 0
+    loop = StepLoop(run, optimizer, steps, start, evaluate)
+    with loop.running():                          # interrupt message; log closed, loss curve plotted
+        for step in loop.step_numbers():          # each step still to run, its learning rate set
+            row = accumulated_step(run, optimizer, micro_batches, loss_fn)   # or the objective's own step
+            loop.end_step(step, row, data_position)   # evaluate, log, progress bar, checkpoint
+
+`accumulated_step` is the step of the supervised objectives (sft, reward, dpo). It takes
+`grad_accum` micro-batches; each micro-batch's loss function returns a *sum* over its units (target
+tokens for sft, pairs for reward/dpo), and the step divides by the units of all its micro-batches:
 
     g = grad( sum_k L_sum(batch_k) / sum_k n_units(batch_k) )
 
-so the step is the same whatever the split into micro-batches. Then: clip, AdamW, next lr.
+so the step is the same whatever the split into micro-batches. Then: clip, AdamW, zero.
 In a distributed run (`tunelab.training.distributed`) the sums also run over ranks: the units are
 all-reduced before the backward passes, and the logged loss and metrics are global.
-Metrics are logged, evaluation and checkpoints happen on their intervals, and the data position
-(micro-batches consumed) is saved so that a resumed run continues at the exact next batch.
+The data position (micro-batches or prompt batches consumed) is saved in each checkpoint, so that a
+resumed run continues at the exact next batch.
 """
 
 from __future__ import annotations
@@ -22,16 +32,29 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
+from tunelab.console import progress
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.training.distributed import full_tensor
 from tunelab.training.metrics import MetricsLog, plot_loss
-from tunelab.training.optim import build_optimizer, lr_at, set_lr
+from tunelab.training.optim import lr_at, set_lr
 from tunelab.training.setup import Run
 
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a supervised objective, with the counts the step needs before its forward."""
+
+    tensors: dict
+    """What the loss function reads (input_ids, labels, ...), on the run's device."""
+    units: int
+    """What the loss is a sum over: target tokens (sft) or pairs (reward, dpo)."""
+    tokens: int
+    """Real (non-padding) tokens, for tokens/s."""
+
+
 LossFn = Callable[[dict], tuple[torch.Tensor, dict]]
-"""batch -> (loss summed over the batch's units, extra metrics summed over units)"""
+"""A micro-batch's tensors -> (loss summed over its units, extra metrics summed over its units)."""
 
 
 @dataclass
@@ -41,12 +64,29 @@ class LoopResult:
     history: list[dict] = field(default_factory=list)
 
 
-def total_steps(run: Run, micro_batches_per_epoch: int) -> int:
-    """`train.max_steps`, or enough steps for `train.epochs` passes over the data."""
+def total_steps(run: Run, batches_per_epoch: int) -> int:
+    """`train.max_steps`, or enough optimizer steps for `train.epochs` passes over the data, each pass
+    `batches_per_epoch` micro-batches (or prompt batches) of the global batch."""
     cfg = run.config.train
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * micro_batches_per_epoch / cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+
+
+def resume(run: Run, optimizer: torch.optim.Optimizer) -> int:
+    """With `train.resume`: load the latest checkpoint into the model and `optimizer` (and the RNG
+    states) and return its step; else, or without a checkpoint, 0. Call it after `run.dist.wrap`:
+    under FSDP each rank keeps its shard of what it reads."""
+    if not run.config.train.resume:
+        return 0
+    checkpoint = latest_checkpoint(run.output_dir)
+    run.dist.check_same(str(checkpoint), "the latest checkpoint")
+    if checkpoint is None:
+        run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
+        return 0
+    step = load_checkpoint(checkpoint, run.model, optimizer)["step"]
+    run.print(f"[tunelab] resumed from {checkpoint} (step {step})")
+    return step
 
 
 def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> float:
@@ -59,47 +99,77 @@ def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> float:
     return float(full_tensor(norm))
 
 
+def accumulated_step(
+    run: Run, optimizer: torch.optim.Optimizer, micro_batches: list[MicroBatch], loss_fn: LossFn
+) -> dict:
+    """One optimizer step over `micro_batches` (see the module docstring). Returns the step's
+    figures: loss (per unit, global), grad_norm, tokens (global) and `loss_fn`'s extras per unit."""
+    units, tokens = (
+        int(v)
+        for v in run.dist.sum(sum(b.units for b in micro_batches), sum(b.tokens for b in micro_batches))
+    )
+    loss_total, extras = 0.0, {}
+    for index, batch in enumerate(micro_batches):
+        with run.dist.grad_sync(index == len(micro_batches) - 1):
+            with run.autocast():
+                loss_sum, extra = run.dist.forward(loss_fn, batch.tensors)
+            # Ranks average gradients; x world_size turns that into their sum (distributed.py).
+            (loss_sum * run.dist.world_size / max(units, 1)).backward()
+        loss_total += float(loss_sum.detach())
+        for key, value in extra.items():
+            extras[key] = extras.get(key, 0.0) + float(value)
+    loss_total, *extra_sums = run.dist.sum(loss_total, *extras.values())
+    grad_norm = apply_gradients(run, optimizer)
+    return {
+        "loss": loss_total / max(units, 1),
+        "grad_norm": grad_norm,
+        "tokens": tokens,
+        **{key: value / max(units, 1) for key, value in zip(extras, extra_sums, strict=True)},
+    }
+
+
 class StepLoop:
-    """What every training loop does around its steps (this module's `optimize`, and the online
-    loop of tunelab/rl/loop.py): make the model data-parallel and build the optimizer, resume from
-    the latest checkpoint, then after each step evaluate, log, update the progress bar and save a
-    checkpoint on their intervals; on an interrupt, say where to resume; at the end, plot."""
+    """What every training loop does around its steps: set each step's learning rate; after each
+    step evaluate, log, update the progress bar and save a checkpoint on their intervals; on an
+    interrupt, say where to resume; at the end, plot the loss curve."""
 
-    def __init__(self, run: Run, steps: int, evaluate: Callable[[], dict] | None, desc: str):
+    def __init__(
+        self,
+        run: Run,
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        start_step: int = 0,
+        evaluate: Callable[[], dict] | None = None,
+        desc: str = "train",
+    ):
         cfg = run.config.train
-        self.run, self.steps, self.evaluate = run, steps, evaluate
-        run.dist.wrap(run.model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
-        self.optimizer = build_optimizer(run.model, cfg)
-        self.start_step = 0
-        if cfg.resume:
-            checkpoint = latest_checkpoint(run.output_dir)
-            run.dist.check_same(str(checkpoint), "the latest checkpoint")
-            if checkpoint is None:
-                run.print(
-                    f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch"
-                )
-            else:
-                self.start_step = load_checkpoint(checkpoint, run.model, self.optimizer)["step"]
-                run.print(f"[tunelab] resumed from {checkpoint} (step {self.start_step})")
-        self.metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=self.start_step)
+        self.run, self.optimizer, self.steps, self.start_step = run, optimizer, steps, start_step
+        self.evaluate = evaluate
+        self.metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)
         self.history: list[dict] = []
+        self.tokens_seen, self.started = 0, time.perf_counter()
         run.model.train()
-        self.bar = tqdm(
-            total=steps,
-            initial=self.start_step,
-            disable=not (cfg.progress and run.is_main),
-            desc=desc,
-            dynamic_ncols=True,
-        )
+        self.bar = progress(steps, desc, initial=start_step, enabled=cfg.progress)
 
-    def step_numbers(self) -> range:
-        """The steps still to run."""
-        return range(self.start_step + 1, self.steps + 1)
+    def step_numbers(self) -> Iterator[int]:
+        """The steps still to run; before each is yielded, its learning rate is set on the optimizer."""
+        for step in range(self.start_step + 1, self.steps + 1):
+            set_lr(self.optimizer, lr_at(step, self.steps, self.run.config.train))
+            yield step
 
-    def end_step(self, row: dict, data_position: int, postfix: dict[str, str]) -> None:
-        """After step `row["step"]`: evaluate (adds to `row`), log, show `postfix` on the bar, keep
-        `row` in the history, and save a checkpoint holding `data_position` when it is due."""
-        cfg, step, model = self.run.config.train, row["step"], self.run.model
+    def end_step(self, step: int, figures: dict, data_position: int) -> dict:
+        """After `step` with its `figures` (holding `loss`): add the step, learning rate and speed
+        (tokens/s where the figures count tokens, else seconds since the start), evaluate, log, keep
+        the row in the history, and save a checkpoint holding `data_position` when one is due.
+        Returns the row."""
+        cfg, model = self.run.config.train, self.run.model
+        row = {"step": step, **figures, "lr": self.optimizer.param_groups[0]["lr"]}
+        elapsed = time.perf_counter() - self.started
+        if "tokens" in figures:
+            self.tokens_seen += figures["tokens"]
+            row["tokens_per_s"] = self.tokens_seen / max(elapsed, 1e-9)
+        else:
+            row["seconds"] = elapsed
         do_eval = (
             self.evaluate is not None
             and cfg.eval_every
@@ -111,7 +181,7 @@ class StepLoop:
             model.train()
         if step % cfg.log_every == 0 or do_eval or step == self.steps:
             self.metrics.log(row)
-            self.bar.set_postfix(**postfix)
+            self.bar.set_postfix(**self._postfix(row))
         self.history.append(row)
         self.bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step != self.steps:
@@ -125,6 +195,21 @@ class StepLoop:
                 cfg.keep_last,
                 is_main=self.run.is_main,
             )
+        return row
+
+    @staticmethod
+    def _postfix(row: dict) -> dict[str, str]:
+        """What the progress bar shows: the loss, and tokens/s or the reward."""
+        postfix = {"loss": f"{row['loss']:.4f}"}
+        if "tokens_per_s" in row:
+            postfix["tok_s"] = f"{row['tokens_per_s']:.0f}"
+        if "reward" in row:
+            postfix["reward"] = f"{row['reward']:.3f}"
+        return postfix
+
+    def result(self) -> LoopResult:
+        """The steps, the last step's loss and every step's row."""
+        return LoopResult(self.steps, self.history[-1]["loss"] if self.history else None, self.history)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -145,58 +230,3 @@ class StepLoop:
         self.metrics.close()
         if self.run.is_main and self.history:
             plot_loss(self.run.output_dir)
-
-
-def optimize(
-    run: Run,
-    make_batches: Callable[[int], Iterator[dict]],
-    loss_fn: LossFn,
-    units_fn: Callable[[dict], int],
-    steps: int,
-    evaluate: Callable[[], dict] | None = None,
-    token_count_fn: Callable[[dict], int] | None = None,
-) -> LoopResult:
-    """Run `steps` optimizer steps. `make_batches(position)` yields micro-batches from that position."""
-    cfg = run.config.train
-    loop = StepLoop(run, steps, evaluate, "train")
-    position = loop.start_step * cfg.grad_accum
-    batches = make_batches(position)
-    tokens_seen, started = 0, time.perf_counter()
-    last_loss = None
-    with loop.running():
-        for step in loop.step_numbers():
-            lr = lr_at(step, steps, cfg)
-            set_lr(loop.optimizer, lr)
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            position += cfg.grad_accum
-            units = sum(units_fn(b) for b in micro)
-            step_tokens = sum((token_count_fn or units_fn)(b) for b in micro)
-            units, step_tokens = (int(v) for v in run.dist.sum(units, step_tokens))  # over all ranks
-            loss_total, extras = 0.0, {}
-            for index, batch in enumerate(micro):
-                with run.dist.grad_sync(index == len(micro) - 1):
-                    with run.autocast():
-                        loss_sum, extra = run.dist.forward(loss_fn, batch)
-                    # Ranks average gradients; x world_size turns that into their sum (distributed.py).
-                    (loss_sum * run.dist.world_size / max(units, 1)).backward()
-                loss_total += float(loss_sum.detach())
-                for key, value in extra.items():
-                    extras[key] = extras.get(key, 0.0) + float(value)
-            loss_total, *extra_sums = run.dist.sum(loss_total, *extras.values())
-            extras = dict(zip(extras, extra_sums, strict=True))
-            grad_norm = apply_gradients(run, loop.optimizer)
-            last_loss = loss_total / max(units, 1)
-            tokens_seen += step_tokens
-            elapsed = time.perf_counter() - started
-            row = {
-                "step": step,
-                "loss": last_loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": step_tokens,
-                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                **{k: v / max(units, 1) for k, v in extras.items()},
-            }
-            postfix = {"loss": f"{last_loss:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
-            loop.end_step(row, position, postfix)
-    return LoopResult(steps, last_loss, loop.history)

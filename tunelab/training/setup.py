@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import RunConfig
+from tunelab.console import note
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, parameter_report, trainable_parameters
 from tunelab.models import load_model, load_tokenizer, resolve_device
@@ -56,9 +58,10 @@ class Run:
         processes`; each process takes its rows (tunelab/training/distributed.py)."""
         return self.config.train.batch_size * self.dist.world_size
 
-    def print(self, *args) -> None:
+    def print(self, text: str) -> None:
+        """A progress note on the main process (`tunelab.console.note`)."""
         if self.is_main:
-            print(*args, flush=True)
+            note(text)
 
 
 def seed_everything(seed: int) -> None:
@@ -72,9 +75,9 @@ def prepare_model(config: RunConfig, device: torch.device | None = None):
     device = device or resolve_device(config.model.device)
     if device.type == "cpu":
         # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
-        # padded batches every step brings new shapes, so its cache only grows (measured: 580 MB after 60
-        # steps of BENCHMARKS.md's workload). 64 keeps every reuse within a step. Read once, at the first
-        # matmul of the process; a value set by the user wins.
+        # padded batches every step brings new shapes, so its cache only grows (hundreds of MB; measured in
+        # BENCHMARKS.md). 64 keeps every reuse within a step. Read once, at the first matmul of the
+        # process; a value set by the user wins.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     model = load_model(
@@ -106,7 +109,7 @@ def prepare_model(config: RunConfig, device: torch.device | None = None):
 def compile_blocks(model: PreTrainedModel) -> None:
     """`torch.compile` every decoder block, with dynamic shapes (`train.compile`). Fuses norms, rotary
     embeddings, activations and the adapters' small ops; the embedding, the chunked loss and packed
-    attention (`tunelab.data.packing`, excluded from compilation) stay eager. Compiling per block
+    attention (`tunelab.kernels.packed_attention`, excluded from compilation) stay eager. Compiling per block
     keeps one graph for all blocks and survives changing sequence lengths without recompiling."""
     from tunelab.methods.inject import decoder_layers
 
@@ -115,11 +118,12 @@ def compile_blocks(model: PreTrainedModel) -> None:
         layer.compile(dynamic=True)
 
 
-def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | None = None) -> Run:
+def setup_run(config: RunConfig) -> Run:
     """Seed, create the output folder, load and transform the model. Under torchrun, join the
-    process group first; the model becomes data-parallel when training starts (`Parallel.wrap`)."""
+    process group first; the recipe makes the model data-parallel (`run.dist.wrap`) once it is
+    complete (heads attached, reference copy made)."""
     parallel = distributed.init(config)
-    is_main = is_main and parallel.is_main
+    is_main = parallel.is_main
     seed_everything(config.train.seed)
     output_dir = Path(config.output_dir)
     if is_main:
@@ -127,7 +131,7 @@ def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | No
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if is_main:
         (output_dir / "config.yaml").write_text(config_yaml)
-    model, tokenizer, method = prepare_model(config, device or parallel.device)
+    model, tokenizer, method = prepare_model(config, parallel.device)
     run = Run(
         config,
         model,
@@ -144,24 +148,38 @@ def setup_run(config: RunConfig, is_main: bool = True, device: torch.device | No
     return run
 
 
+def gathered_model(run: Run) -> PreTrainedModel | None:
+    """All ranks of a sharded (FSDP) run: gather the trained parameters; rank 0 gets a plain CPU copy
+    of the trained model (base model reloaded + method applied + trained tensors), the others None.
+
+    Only trainable parameters are gathered: everything else is the base model, as in a checkpoint.
+    Trainable modules the method did not create (a reward head an objective attached) are not in
+    the copy: save those with `run.dist.full_state_dict`."""
+    weights = distributed.gather_trainable(run.model, run.is_main)
+    if not run.is_main:
+        return None
+    model, _, _ = prepare_model(run.config, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in trainable_parameters(model).items():
+            p.copy_(weights[name])
+    return model
+
+
 def save_final(run: Run) -> Path:
-    """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer. Every rank calls it
-    (FSDP gathers the trained parameters); rank 0 writes."""
+    """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer, through `final.tmp/` so
+    that an earlier `final/` stays whole until the new one is. Every rank calls it (FSDP gathers the
+    trained parameters); rank 0 writes."""
     final = run.output_dir / "final"
-    model = run.dist.unsharded_model(run) if run.dist.sharded else run.model
+    model = gathered_model(run) if run.dist.sharded else run.model
     if not run.is_main:
         return final
     tmp = run.output_dir / "final.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     run.method.save(model, run.config.method.options, tmp, run.config.model.name_or_path)
     run.tokenizer.save_pretrained(tmp)
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     tmp.rename(final)
     return final
@@ -171,8 +189,8 @@ def report_data(run: Run, train: int, eval_: int, unit: str, details: str, notes
     """Print (rank 0) what the run reads: `train` / `eval_` records of `unit`, `details` (format,
     template) and the data notes (truncations, skipped records)."""
     run.print(f"[tunelab] data: {train} train / {eval_} eval {unit}, {details}")
-    for note in notes:
-        run.print(f"[tunelab] data: {note}")
+    for line in notes:
+        run.print(f"[tunelab] data: {line}")
 
 
 def write_summary(run: Run, summary: dict) -> dict:
@@ -184,3 +202,15 @@ def write_summary(run: Run, summary: dict) -> dict:
             + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         )
     return summary
+
+
+def finish(run: Run, summary: dict) -> dict:
+    """The end of every recipe: save `final/` (every rank; FSDP gathers), add its path to `summary`,
+    write `summary.json` (rank 0). Returns the summary."""
+    summary["final_dir"] = str(save_final(run))
+    return write_summary(run, summary)
+
+
+def before_and_after(before: dict, after: dict) -> dict:
+    """Held-out figures before training (as `NAME_before`) and after it (as `NAME`)."""
+    return {**{f"{key}_before": value for key, value in before.items()}, **after}
