@@ -10,11 +10,11 @@ otherwise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 from tunelab.methods import lora
+from tunelab.methods.adapter_files import is_adapter_folder, read_adapter_config
 from tunelab.models import DTYPES
 from tunelab.trained import adapter_method_of, load_trained, resolve_model_dir
 
@@ -34,7 +34,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     Returns `out_dir`. Raises `TunelabError` for a folder that is not a LoRA adapter.
     """
     adapter_dir = resolve_model_dir(path)
-    if not (adapter_dir / "adapter_config.json").exists():
+    if not is_adapter_folder(adapter_dir):
         if (adapter_dir / "config.json").exists():
             raise TunelabError(
                 f"{adapter_dir} already holds a full model (no adapter): there is nothing to merge"
@@ -49,7 +49,7 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
         )
     if dtype is not None and dtype not in DTYPES:
         raise TunelabError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     model, tokenizer, _ = load_trained(adapter_dir, dtype="float32", device="cpu")
     target_dtype = dtype or base_dtype(config["base_model_name_or_path"])
     model = lora.merge_and_unload(model)

@@ -2,10 +2,10 @@
 
 DPO, PPO and GRPO compare the trained policy pi with the model it started from. The reference is
 
-- for adapter methods (lora, adapter, prefix): the same model inside the method's
-  `disabled(model)` context, which computes the base model's outputs (no second copy; torchtune's
-  `disable_adapter`, TRL's `use_adapter(None)`);
-- for full and partial fine-tuning: a frozen deep copy made before training starts.
+- for methods that switch off to the base model (`Method.DISABLES_TO_BASE`: lora, adapter, prefix):
+  the same model inside the method's `disabled(model)` context, which computes the base model's
+  outputs (no second copy; torchtune's `disable_adapter`, TRL's `use_adapter(None)`);
+- for the others (full and partial fine-tuning): a frozen deep copy made before training starts.
 
 The log-probabilities themselves are computed in `tunelab.logprobs`.
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from types import ModuleType
 
 import torch
 from transformers import PreTrainedModel
 
 from tunelab.logprobs import final_hidden, logprobs_from_hidden
+from tunelab.methods import Method
 
 
 class Reference:
@@ -29,13 +29,13 @@ class Reference:
     Make it before any training step (and before attaching value or reward heads).
     """
 
-    def __init__(self, model: PreTrainedModel, method: ModuleType, frozen_copy=None):
+    def __init__(self, model: PreTrainedModel, method: Method, frozen_copy=None):
         """`frozen_copy(model)` makes the copy (default: a frozen deep copy in eval mode); a run
         passes `run.dist.frozen_copy`, which shards the copy like the model under FSDP."""
         self.policy = model
         self.method = method
         self.copy: PreTrainedModel | None = None
-        if not hasattr(method, "disabled"):
+        if not method.DISABLES_TO_BASE:
             self.copy = frozen_copy(model) if frozen_copy is not None else copy.deepcopy(model).eval()
             self.copy.requires_grad_(False)
 
@@ -51,8 +51,8 @@ class Reference:
         if self.copy is not None:
             yield self.copy
             return
-        with self.method.disabled(self.policy):
-            yield self.policy
+        with self.method.disabled(self.policy) as base:
+            yield base
 
 
 @torch.no_grad()

@@ -2,24 +2,25 @@
 
 A run folder means its `final/`. A folder with `adapter_config.json` is an adapter (tunelab's or
 PEFT's): its base model is loaded from `base_model_name_or_path` and the adapter's method re-applied
-(`Method.load`, frozen). Any other folder is a Hugging Face model (full or partial fine-tuning).
+(`Method.load` of `tunelab.methods`, frozen). Any other folder is a Hugging Face model (full or
+partial fine-tuning).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method
+from tunelab.methods.adapter_files import is_adapter_folder, read_adapter_config
 from tunelab.models import load_model, load_tokenizer
 
 
 def adapter_method_of(adapter_dir: Path) -> str:
     """Which method saved the adapter in `adapter_dir` (from its `adapter_config.json`)."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     if "tunelab_method" in config:
         return config["tunelab_method"]
     peft_type = config.get("peft_type")
@@ -53,14 +54,14 @@ def load_trained(
     model_dir = resolve_model_dir(path)
     if not model_dir.exists():
         raise TunelabError(f"model path {str(path)!r} does not exist")
-    if (model_dir / "adapter_config.json").exists():
-        config = json.loads((model_dir / "adapter_config.json").read_text())
+    if is_adapter_folder(model_dir):
+        config = read_adapter_config(model_dir)
         base = base_model or config.get("base_model_name_or_path")
         if not base:
             raise TunelabError(f"{model_dir}/adapter_config.json names no base model; pass one")
         method = adapter_method_of(model_dir)
         model = load_model(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        get_method(method).load(model, model_dir)
+        get_method(method).load(model, model_dir, trainable=False)
         has_tokenizer = (model_dir / "tokenizer_config.json").exists()
         tokenizer = load_tokenizer(str(model_dir) if has_tokenizer else base, trust_remote_code)
     else:

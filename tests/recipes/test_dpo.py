@@ -144,7 +144,7 @@ def test_reference_is_the_starting_model_after_training(llama_dir, name, options
     method = get_method(name)
     method.apply(model, build_dataclass(method.Options, options, "method", ""))
     reference = Reference(model, method)
-    assert (reference.copy is None) == hasattr(method, "disabled")
+    assert (reference.copy is None) == method.DISABLES_TO_BASE
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     for _ in range(3):
         (-sequence_logprobs(model, batch).sum()).backward()

@@ -1,10 +1,9 @@
 """LoRA: the layer's maths, target selection, errors, the file format, `tunelab merge` and
-`tunelab inspect`. The behaviour suite over all architectures is in test_method_suite_lora.py, the
-comparison with PEFT in test_lora_peft_interop.py."""
+`tunelab inspect`. The method contract over all architectures is checked in test_method_contract.py,
+the comparison with PEFT in test_lora_peft_interop.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -17,8 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.pytorch_utils import Conv1D
 
 from tunelab import inspection, merging
-from tunelab.commands import inspect as inspect_command
-from tunelab.commands import merge as merge_command
+from tunelab.cli import build_parser
 from tunelab.errors import TunelabError
 from tunelab.methods import count_parameters, lora, trainable_parameters
 from tunelab.methods.lora_layer import LoRALinear, SavedModule
@@ -215,7 +213,7 @@ def test_clear_errors(tiny_model_dirs):
     with pytest.raises(TunelabError, match="both a LoRA target and inside modules_to_save"):
         lora.apply(gpt2, lora.Options(target_modules=["c_attn"], modules_to_save=["h.0"]))
     assert not lora.lora_layers(gpt2), "a failed apply leaves the model untouched"
-    with pytest.raises(TunelabError, match="holds no LoRA layers"):
+    with pytest.raises(RuntimeError, match="holds no LoRA layers"):  # a programming error
         with lora.disabled(gpt2):
             pass
     lora.apply(gpt2, lora.Options(target_modules=["c_attn"]))
@@ -311,12 +309,6 @@ def test_load_refuses_what_it_cannot_read(tiny_model_dirs, tmp_path):
 # --- tunelab merge ---------------------------------------------------------------------------------
 
 
-def merge_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunelab")
-    merge_command.register(parser.add_subparsers())
-    return parser
-
-
 def test_merge_command_writes_a_standalone_model(tiny_model_dirs, tiny_tokenizer, tmp_path, capsys):
     base_dir = tiny_model_dirs["llama"]
     options = lora.Options(r=4, alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
@@ -328,7 +320,7 @@ def test_merge_command_writes_a_standalone_model(tiny_model_dirs, tiny_tokenizer
     lora.save(model, options, final, str(base_dir))
     tiny_tokenizer.save_pretrained(final)
 
-    args = merge_parser().parse_args(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
+    args = build_parser().parse_args(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")])
     assert args.func(args) == 0
     assert "merged model written to" in capsys.readouterr().out
     merged = load(tmp_path / "merged")
@@ -412,8 +404,7 @@ def test_inspect_command_reads_a_yaml_config(tiny_model_dirs, tmp_path, capsys):
         f"model:\n  name_or_path: {tiny_model_dirs['gpt2']}\n"
         "method:\n  name: lora\n  r: 2\n  target_modules: all-linear\n  modules_to_save: [lm_head]\n"
     )
-    parser = argparse.ArgumentParser(prog="tunelab")
-    inspect_command.register(parser.add_subparsers())
+    parser = build_parser()
     args = parser.parse_args(["inspect", str(config)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -426,4 +417,5 @@ def test_inspect_command_reads_a_yaml_config(tiny_model_dirs, tmp_path, capsys):
 
     config.write_text(f"model:\n  name_or_path: {tiny_model_dirs['gpt2']}\nmethod:\n  name: lora\n  r: 0\n")
     with pytest.raises(TunelabError, match="r must be a positive integer"):
-        inspect_command.run(parser.parse_args(["inspect", str(config)]))
+        args = parser.parse_args(["inspect", str(config)])
+        args.func(args)

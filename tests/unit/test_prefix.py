@@ -1,20 +1,27 @@
-"""Prefix tuning: numerics against a hand-written attention, the cache helpers, options and errors."""
+"""Prefix tuning: numerics against a hand-written attention, the cache helpers, options and errors;
+and, on every architecture the tests build (the prefix reaches attention through transformers' KV
+cache, whose handling differs per model), generation, padding, gradient checkpointing, bfloat16 and
+`init_text`. The method contract (training, save/load, `disabled`) is checked in
+test_method_contract.py."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import DynamicCache, StaticCache
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 from tunelab.errors import TunelabError
 from tunelab.methods import prefix, trainable_parameters
 from tunelab.methods import prefix_cache as kv
-from tunelab.models import load_model
+from tunelab.models import load_model, load_tokenizer
+from tunelab.tiny import ARCHITECTURES
 
 M = 3
 
@@ -33,11 +40,30 @@ def _ids(batch: int = 2, length: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(6, 400, (batch, length), generator=generator)
 
 
-def _prefixed(model_dir, seed: int = 0, **options):
-    model = load_model(str(model_dir), device="cpu")
+@functools.cache
+def _loaded(model_dir, dtype: str) -> nn.Module:
+    return load_model(str(model_dir), dtype=dtype, device="cpu").eval()
+
+
+def _base(model_dir, dtype: str = "float32") -> nn.Module:
+    """A fresh copy of the base model in `model_dir` (read from disk once per session)."""
+    return copy.deepcopy(_loaded(model_dir, dtype))
+
+
+def _prefixed(model_dir, seed: int = 0, dtype: str = "float32", **options):
+    model = _base(model_dir, dtype)
     torch.manual_seed(seed)
     prefix.apply(model, prefix.Options(**{"num_virtual_tokens": M, **options}))
     return model.eval()
+
+
+def _padded_batch(length: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences; the second is 3 tokens shorter (right padding, pad id 0 masked out)."""
+    ids = _ids(length=length, seed=seed)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    ids[1, -3:] = 0
+    return ids, mask
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +175,7 @@ def test_apply_freezes_the_model_and_adds_only_the_prefix(llama_dir):
 
 def test_remove_restores_the_base_model(llama_dir):
     ids = _ids()
-    base = load_model(str(llama_dir), device="cpu").eval()
+    base = _base(llama_dir)
     model = _prefixed(llama_dir)
     prefix.remove(model)
     assert not hasattr(model, "prefix_encoder") and "forward" not in model.__dict__
@@ -226,9 +252,7 @@ def test_a_dropped_cache_is_detected(llama_dir, monkeypatch):
 def test_init_text_reads_the_models_keys_and_values(llama_dir):
     """init_text 'a b' (cycled to m tokens) gives the keys/values the model caches for those tokens."""
     model = _prefixed(llama_dir, init_text="hello world")
-    base = load_model(str(llama_dir), device="cpu").eval()
-    from tunelab.models import load_tokenizer
-
+    base = _base(llama_dir)
     ids = load_tokenizer(str(llama_dir))("hello world", add_special_tokens=False)["input_ids"]
     ids = (ids * M)[:M]
     with torch.no_grad():
@@ -251,3 +275,138 @@ def test_load_trained_reads_a_saved_prefix(llama_dir, tmp_path):
     assert method == "prefix" and tokenizer is not None
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# --- on every architecture -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_generation_agrees_with_and_without_cache_and_with_forward(arch, tiny_model_dirs):
+    """Greedy decoding of left-padded prompts: same tokens with and without the KV cache, and the
+    logits of every step equal one forward over the whole sequence (positions agree)."""
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(6, 400, (2, 5), generator=generator)
+    mask = torch.ones_like(prompts)
+    prompts[0, :2], mask[0, :2] = 0, 0  # left padding
+    model = _prefixed(tiny_model_dirs[arch])
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(
+            input_ids=prompts,
+            attention_mask=mask,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **settings,
+        )
+        uncached = model.generate(input_ids=prompts, attention_mask=mask, use_cache=False, **settings)
+        full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+        full = model(input_ids=cached.sequences, attention_mask=full_mask).logits  # (B, 9, V)
+    assert torch.equal(cached.sequences, uncached)
+    for step, logits in enumerate(cached.logits):
+        torch.testing.assert_close(logits, full[:, 4 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_generation_agrees_with_forward(tiny_model_dirs):
+    """Mistral with a window shorter than prefix + prompt: `generate` keeps a sliding cache layer,
+    the forward a full one masked by the window; both must hide the same prefix positions."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dirs["mistral"]), sliding_window=3)
+    torch.manual_seed(0)
+    prefix.apply(model, prefix.Options(num_virtual_tokens=M))
+    model.eval()
+    prompts = torch.randint(6, 400, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompts,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        full = model(input_ids=out.sequences).logits
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, 5 + step], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padding_does_not_change_real_tokens(arch, side, tiny_model_dirs):
+    generator = torch.Generator().manual_seed(2)
+    long, short = (
+        torch.randint(6, 400, (7,), generator=generator),
+        torch.randint(6, 400, (4,), generator=generator),
+    )
+    pad = torch.zeros(3, dtype=torch.long)
+    padded_short = torch.cat([short, pad]) if side == "right" else torch.cat([pad, short])
+    ids = torch.stack([long, padded_short])
+    mask = (torch.arange(7) < 4) if side == "right" else (torch.arange(7) >= 3)
+    mask = torch.stack([torch.ones(7, dtype=torch.long), mask.long()])
+    model = _prefixed(tiny_model_dirs[arch])
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).logits
+        alone_long = model(input_ids=long[None]).logits[0]
+        alone_short = model(input_ids=short[None]).logits[0]
+    torch.testing.assert_close(batch[0], alone_long, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch[1][mask[1].bool()], alone_short, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(arch, tiny_model_dirs):
+    ids, mask = _padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for checkpointing in (False, True):
+        model = _prefixed(tiny_model_dirs[arch])
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
+            enable()
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.prefix_encoder.prefix.grad.clone()))
+    (loss_plain, grad_plain), (loss_ckpt, grad_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    torch.testing.assert_close(grad_ckpt, grad_plain)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bfloat16_trains_and_generates(arch, tiny_model_dirs):
+    ids, mask = _padded_batch()
+    model = _prefixed(tiny_model_dirs[arch], dtype="bfloat16")
+    assert model.prefix_encoder.prefix.dtype == torch.float32  # trains in full precision
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    grad = model.prefix_encoder.prefix.grad
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_init_text_prefix_equals_reading_the_text_first(arch, tiny_model_dirs):
+    """With the prefix set to the model's keys/values for text t (m = len(t)) and real tokens at
+    positions m, m+1, ..., the prefixed model on x computes what the base model computes on t + x."""
+    text = "the quick brown fox"
+    text_ids = load_tokenizer(str(tiny_model_dirs[arch]))(text, add_special_tokens=False)["input_ids"]
+    model = _prefixed(tiny_model_dirs[arch], num_virtual_tokens=len(text_ids), init_text=text)
+    base = _base(tiny_model_dirs[arch])
+    ids, _ = _padded_batch()
+    joined = torch.cat([torch.tensor([text_ids] * 2), ids], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits,
+            base(input_ids=joined).logits[:, len(text_ids) :],
+            rtol=1e-4,
+            atol=1e-4,
+        )

@@ -6,7 +6,7 @@ transformers 5.23 and 5.24, so every one is checked.
 Generation: PEFT 0.21.2's prefix `generate` breaks under transformers 5.24 (which renamed the
 forward's `past_key_values` to `cache`): its greedy tokens then differ from the ones its own
 forward passes choose, and from its 5.23 tokens, which are ours (ours stay the same under both
-versions: tests/unit/test_method_suite_prefix.py checks generate against plain forwards). The
+versions: tests/unit/test_prefix.py checks generate against plain forwards). The
 comparison is an expected failure for that pair of versions.
 """
 

@@ -24,24 +24,28 @@ layer (`self_attn.o_proj` or GPT-2's `attn.c_proj`; `mlp`), or as given by `attn
 
 Trainable parameters: layers · (adapters_per_layer · (2·d·b + b + d) + trained norm parameters),
 see `trainable_parameter_formula`. The artifact is `adapter_config.json` ("tunelab_method":
-"adapter") plus `adapter_model.safetensors` holding only the trained tensors.
+"adapter") plus `adapter_model.safetensors` holding only the trained tensors. With the adapters
+off (and trained layer norms swapped back) the model is the base model: `DISABLES_TO_BASE`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
+from tunelab.methods.adapter_files import (
+    WEIGHTS_FILE,
+    read_adapter_config,
+    read_adapter_weights,
+    write_adapter_folder,
+)
 from tunelab.methods.adapter_module import (
     ACTIVATIONS,
     ADAPTERS_PER_LAYER,
@@ -50,6 +54,7 @@ from tunelab.methods.adapter_module import (
     trainable_parameter_formula,
 )
 from tunelab.methods.inject import decoder_layers, select_layers
+from tunelab.weights import load_into
 
 __all__ = [
     "Options",
@@ -57,6 +62,7 @@ __all__ = [
     "save",
     "load",
     "disabled",
+    "DISABLES_TO_BASE",
     "method_parameters",
     "bottleneck_size",
     "trainable_parameter_formula",
@@ -69,6 +75,7 @@ ATTN_OUTPUT_CANDIDATES = ("self_attn.o_proj", "attn.c_proj")  # Llama, Qwen2, Mi
 MLP_CANDIDATES = ("mlp",)
 DEFAULT_REDUCTION_FACTOR = 16.0
 BASE_NORM_PREFIX = "adapter_base_"  # non-persistent buffers holding the base model's norm weights
+DISABLES_TO_BASE = True
 
 
 @dataclass
@@ -217,13 +224,16 @@ def apply(model: nn.Module, options: Options) -> None:
 
 
 @contextmanager
-def disabled(model: nn.Module) -> Iterator[None]:
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes the base model's outputs: adapters off and, if layer
     norms were trained, the base norm weights swapped in (by `.data`, so autograd graphs built
-    outside the block stay valid). Nested use is a no-op."""
+    outside the block stay valid); yields the model. Nested use is a no-op. `RuntimeError` when the
+    model holds no adapters."""
     layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    if not layers or not all(layer.enabled for layer in layers):
-        yield
+    if not layers:
+        raise RuntimeError(f"adapter: {type(model).__name__} holds no adapters (apply or load them first)")
+    if not all(layer.enabled for layer in layers):  # already inside `disabled`
+        yield model
         return
     norms = [
         (module, name[len(BASE_NORM_PREFIX) :], name)
@@ -243,7 +253,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
         layer.enabled = False
     swap()
     try:
-        yield
+        yield model
     finally:
         swap()
         for layer in layers:
@@ -266,14 +276,7 @@ def _resolved_options(model: nn.Module, options: Options) -> Options:
 
 def save(model: nn.Module, options: Options, out_dir: Path, base_model: str) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` (only the trained tensors)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     resolved = _resolved_options(model, options)
-    tensors = {
-        name: p.detach().to("cpu").contiguous()
-        for name, p in method_parameters(model, options.train_layer_norms).items()
-    }
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "tunelab_method": "adapter",
         "base_model_name_or_path": base_model,
@@ -283,16 +286,17 @@ def save(model: nn.Module, options: Options, out_dir: Path, base_model: str) -> 
         **asdict(resolved),
         "requested": {"reduction_factor": options.reduction_factor, "last_layers": options.last_layers},
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_adapter_folder(Path(out_dir), config, method_parameters(model, options.train_layer_norms))
 
 
-def load(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> Options:
-    """Apply the adapter saved in `adapter_dir` to base `model`; returns its options.
+def load(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> None:
+    """Apply the adapter saved in `adapter_dir` to base `model`, in place.
 
-    The adapter's parameters stay trainable only with `trainable` (else the whole model is frozen).
+    The whole model is frozen afterwards unless `trainable`, which leaves the adapters (and trained
+    layer norms) trainable, as `apply` does.
     """
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     if config.get("tunelab_method") != "adapter":
         raise TunelabError(
             f"{adapter_dir}: not a tunelab adapter (tunelab_method={config.get('tunelab_method')!r})"
@@ -303,22 +307,8 @@ def load(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> 
             f"but {type(model).__name__} has {hidden_size(model)}"
         )
     options = Options(**{f.name: config[f.name] for f in fields(Options) if f.name in config})
+    tensors = read_adapter_weights(adapter_dir)
     apply(model, options)
-    expected = method_parameters(model, options.train_layer_norms)
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise TunelabError(
-            f"{adapter_dir}: adapter weights do not fit {type(model).__name__}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    with torch.no_grad():
-        for name, p in expected.items():
-            if tensors[name].shape != p.shape:
-                raise TunelabError(
-                    f"{adapter_dir}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}"
-                )
-            p.copy_(tensors[name])
+    load_into(method_parameters(model, options.train_layer_norms), tensors, str(adapter_dir / WEIGHTS_FILE))
     if not trainable:
         freeze_all(model)
-    return options

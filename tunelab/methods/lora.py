@@ -5,8 +5,8 @@
 The maths, the initialisation (A Kaiming-uniform, B = 0, so a fresh model equals its base) and
 where we depart from the paper are in `tunelab.methods.lora_layer`; the file format (PEFT's) is in
 `tunelab.methods.lora_io`. This module chooses the layers and implements the method contract
-(`tunelab.methods`): `Options`, `apply`, `save`, `load`, `disabled`, plus `merge`, `unmerge` and
-`merge_and_unload` for export.
+(`tunelab.methods.Method`): `Options`, `apply`, `save`, `load`, `DISABLES_TO_BASE` (True) and
+`disabled`, plus `merge`, `unmerge` and `merge_and_unload` for export.
 
 Targets (`target_modules`): a list of names matched as dotted suffixes (`[q_proj, v_proj]` matches
 `model.layers.3.self_attn.q_proj`), a regular expression matched against the whole module name,
@@ -33,17 +33,14 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
+from tunelab.methods.adapter_files import WEIGHTS_FILE, write_adapter_folder
 from tunelab.methods.inject import decoder_layers, layer_index, name_matches
-from tunelab.methods.lora_io import (
-    adapter_state_dict,
-    load_adapter_state_dict,
-    peft_config,
-    read_adapter,
-    write_adapter,
-)
+from tunelab.methods.lora_io import adapter_tensors, peft_config, read_adapter
 from tunelab.methods.lora_layer import SUPPORTED_LAYERS, LoRALinear, SavedModule
+from tunelab.weights import load_into
 
 ALL_LINEAR = "all-linear"
+DISABLES_TO_BASE = True  # LoRA off (and modules_to_save's originals) is the base model
 
 
 @dataclass
@@ -185,14 +182,16 @@ def apply(model: nn.Module, options: Options) -> None:
 
 
 def _require_lora(model: nn.Module, what: str) -> None:
+    """`RuntimeError` (a programming error) when the model holds no LoRA layer or saved module."""
     if not lora_layers(model) and not saved_modules(model):
-        raise TunelabError(f"lora: cannot {what}: the model holds no LoRA layers (apply or load LoRA first)")
+        raise RuntimeError(f"lora: cannot {what}: the model holds no LoRA layers (apply or load LoRA first)")
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes its base model's outputs (merged layers are unmerged
-    meanwhile, and the originals of `modules_to_save` are used). The previous state comes back after."""
+    meanwhile, and the originals of `modules_to_save` are used); yields the model. The previous
+    state comes back after, so nesting is harmless. `RuntimeError` without LoRA layers."""
     _require_lora(model, "disable the adapter")
     layers = list(lora_layers(model).values()) + list(saved_modules(model).values())
     before = [(m, m.enabled, getattr(m, "merged", False)) for m in layers]
@@ -261,7 +260,7 @@ def save(model: nn.Module, options: Options, out_dir: Path, base_model: str) -> 
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
         task_type=_task_type(model),
     )
-    write_adapter(Path(out_dir), config, adapter_state_dict(model))
+    write_adapter_folder(Path(out_dir), config, adapter_tensors(model))
 
 
 def options_from_peft_config(config: dict) -> Options:
@@ -277,11 +276,15 @@ def options_from_peft_config(config: dict) -> Options:
     )
 
 
-def load(model: nn.Module, adapter_dir: Path) -> None:
+def load(model: nn.Module, adapter_dir: Path, trainable: bool = False) -> None:
     """Apply the LoRA adapter saved in `adapter_dir` (by tunelab or PEFT) to `model`, in place.
 
-    The adapter's parameters stay trainable, so a loaded adapter can be trained further.
+    The whole model is frozen afterwards unless `trainable`, which leaves A, B and the
+    `modules_to_save` copies trainable (as `apply` does) so that the adapter can be trained further.
     """
-    config, tensors = read_adapter(Path(adapter_dir))
+    adapter_dir = Path(adapter_dir)
+    config, tensors = read_adapter(adapter_dir)
     apply(model, options_from_peft_config(config))
-    load_adapter_state_dict(model, tensors, str(adapter_dir))
+    load_into(adapter_tensors(model), tensors, str(adapter_dir / WEIGHTS_FILE))
+    if not trainable:
+        freeze_all(model)

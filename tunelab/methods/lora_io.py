@@ -1,6 +1,6 @@
 """LoRA adapter files in PEFT's format, so that PEFT and tunelab read each other's adapters.
 
-A folder holds two files:
+A folder holds two files (written and read by `tunelab.methods.adapter_files`):
 
 - `adapter_config.json`: PEFT's `LoraConfig` as JSON (`peft_type: LORA`, `r`, `lora_alpha`, ...).
 - `adapter_model.safetensors`: one tensor per key,
@@ -12,18 +12,15 @@ A folder holds two files:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError
+from tunelab.methods.adapter_files import CONFIG_FILE, read_adapter_config, read_adapter_weights
 from tunelab.methods.lora_layer import LoRALinear, SavedModule
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 
@@ -45,9 +42,18 @@ UNSUPPORTED_PEFT_OPTIONS = {
 }
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (see the module docstring), on the CPU."""
-    return {key: t.detach().to("cpu").contiguous() for key, t in _adapter_parameters(model).items()}
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key -> the live tensor it saves from and loads into (see the module docstring): A and B
+    of every `LoRALinear`, the parameters and buffers of every `SavedModule`'s trained copy."""
+    live = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            live[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
+            live[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
+        elif isinstance(module, SavedModule):
+            for key, tensor in module.trained_module.state_dict(keep_vars=True).items():
+                live[f"{PREFIX}{name}.{key}"] = tensor
+    return live
 
 
 def peft_config(
@@ -83,23 +89,10 @@ def peft_config(
     }
 
 
-def write_adapter(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `adapter_config.json` and `adapter_model.safetensors` into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a LoRA adapter folder; refuses PEFT options tunelab does not implement."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
-    if not config_path.exists():
-        raise TunelabError(f"{adapter_dir} is not an adapter folder: no {CONFIG_FILE}")
-    if not weights_path.exists():
-        raise TunelabError(f"{adapter_dir} has no {WEIGHTS_FILE} (tunelab reads safetensors only)")
-    config = json.loads(config_path.read_text())
+    config = read_adapter_config(adapter_dir)
+    config_path = Path(adapter_dir) / CONFIG_FILE
     if config.get("peft_type") != "LORA":
         raise TunelabError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
     for key in UNSUPPORTED_PEFT_OPTIONS:
@@ -110,37 +103,4 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     init = config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise TunelabError(f"{config_path}: init_lora_weights={init!r} is not supported")
-    return config, load_file(str(weights_path))
-
-
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy PEFT-named tensors into the wrapped model; every key on either side must match."""
-    expected = _adapter_parameters(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise TunelabError(
-            f"{source}: adapter weights do not fit the model; "
-            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    with torch.no_grad():
-        for key, param in expected.items():
-            if tuple(tensors[key].shape) != tuple(param.shape):
-                raise TunelabError(
-                    f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model wants {tuple(param.shape)}"
-                )
-            param.copy_(tensors[key])
-
-
-def _adapter_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key -> the live tensor it loads into (parameters and buffers of saved modules)."""
-    live = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            live[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
-            live[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
-        elif isinstance(module, SavedModule):
-            for key, tensor in module.trained_module.state_dict(keep_vars=True).items():
-                live[f"{PREFIX}{name}.{key}"] = tensor
-    return live
+    return config, read_adapter_weights(adapter_dir)

@@ -3,18 +3,22 @@
 A parameter theta_i trains iff it lies in a chosen decoder layer (`last_layers: N` or
 `layers: [i, ...]`) or in a module named in `modules` (by dotted-suffix, e.g. `lm_head`,
 `norm`, or by a regular expression with `modules_regex`). Frozen parameters get no gradient and
-no optimizer state. The final artifact is the whole model in Hugging Face format.
+no optimizer state. The final artifact is the whole model in Hugging Face format; like full
+fine-tuning, the method cannot be disabled and has no adapter to load (`save`, `load`, `disabled` and
+`DISABLES_TO_BASE` are full fine-tuning's, see `tunelab.methods.full`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from tunelab.errors import TunelabError
+from tunelab.methods.full import DISABLES_TO_BASE, disabled, load, save
 from tunelab.methods.inject import decoder_layers, layer_index, name_matches, select_layers
+
+__all__ = ["Options", "apply", "save", "load", "disabled", "DISABLES_TO_BASE"]
 
 
 @dataclass
@@ -62,8 +66,3 @@ def apply(model: PreTrainedModel, options: Options) -> None:
             options.modules_regex and name_matches(module_name, options.modules_regex)
         )
         p.requires_grad_(bool(in_layer or in_module))
-
-
-def save(model: PreTrainedModel, options: Options, out_dir: Path, base_model: str) -> None:
-    """Write the whole model in Hugging Face format (safetensors)."""
-    model.save_pretrained(out_dir, safe_serialization=True)

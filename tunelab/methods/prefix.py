@@ -42,13 +42,14 @@ Saved artifact: PEFT's PREFIX_TUNING format: `adapter_config.json` and one tenso
 `prompt_embeddings` of shape (m, L*2*H_kv*d), laid out [layer][key|value][head][dim] as PEFT's
 `get_prompt` reshapes it (m, L*2, H_kv, d); PEFT sets `token_dim = H_kv*d` and
 `num_attention_heads = H_kv` for grouped-query models.
+
+With the prefix switched off the model is the base model (`DISABLES_TO_BASE`, `disabled`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -56,15 +57,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
 from tunelab.methods import prefix_cache as kv
+from tunelab.methods.adapter_files import (
+    WEIGHTS_FILE,
+    read_adapter_config,
+    read_adapter_weights,
+    write_adapter_folder,
+)
+from tunelab.weights import load_into
 
 ENCODER_NAME = "prefix_encoder"
+SAVED_NAME = "prompt_embeddings"  # PEFT's name for the folded prefix, (m, L*2*H_kv*d)
+DISABLES_TO_BASE = True
 
 
 @dataclass
@@ -195,13 +204,14 @@ def remove(model: PreTrainedModel) -> None:
 
 
 @contextmanager
-def disabled(model: PreTrainedModel) -> Iterator[None]:
-    """Within this block the model computes the base model's outputs (no prefix)."""
+def disabled(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Within this block the model computes the base model's outputs (no prefix); yields the model.
+    `RuntimeError` when the model has no prefix."""
     encoder = _encoder(model)
     previous = encoder.enabled
     encoder.enabled = False
     try:
-        yield
+        yield model
     finally:
         encoder.enabled = previous
 
@@ -209,10 +219,7 @@ def disabled(model: PreTrainedModel) -> Iterator[None]:
 def save(model: PreTrainedModel, options: Options, out_dir: Path, base_model: str) -> None:
     """Write the prefix in PEFT's PREFIX_TUNING format (the MLP, if any, folded into vectors)."""
     encoder = _encoder(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     m, num_layers, _, num_kv_heads, head_dim = encoder.shape
-    save_file({"prompt_embeddings": encoder.folded().cpu()}, str(out_dir / "adapter_model.safetensors"))
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
@@ -232,27 +239,25 @@ def save(model: PreTrainedModel, options: Options, out_dir: Path, base_model: st
         "revision": None,
         "auto_mapping": None,
     }
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_adapter_folder(Path(out_dir), config, {SAVED_NAME: encoder.folded()})
 
 
-def load(model: PreTrainedModel, adapter_dir: Path) -> None:
-    """Apply the prefix saved in `adapter_dir` (by `save` or by PEFT) to `model`, frozen for inference.
+def load(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> None:
+    """Apply the prefix saved in `adapter_dir` (by `save` or by PEFT) to `model`, in place.
 
     PEFT saves `prompt_embeddings` already folded even when it trained with `prefix_projection`,
-    so both cases load as plain vectors. Call `model.prefix_encoder.requires_grad_(True)` to train on.
+    so both cases load as plain vectors. The whole model is frozen afterwards unless `trainable`,
+    which leaves the prefix (`prefix_encoder.prefix`) trainable.
     """
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)
     if config.get("peft_type") != "PREFIX_TUNING":
         raise TunelabError(
             f"{adapter_dir}: not a prefix-tuning adapter (peft_type {config.get('peft_type')!r})"
         )
     if config.get("num_transformer_submodules", 1) != 1:
         raise TunelabError(f"{adapter_dir}: encoder-decoder prefixes are not supported")
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if "prompt_embeddings" not in weights:
-        raise TunelabError(f"{adapter_dir}/adapter_model.safetensors holds no 'prompt_embeddings'")
-    flat = weights["prompt_embeddings"]  # (m, L*2*H*d)
+    tensors = read_adapter_weights(adapter_dir)
     num_layers, num_kv_heads, head_dim = kv_shape(model)
     expected = (config["num_layers"], config["num_attention_heads"], config["token_dim"])
     found = (num_layers, num_kv_heads, num_kv_heads * head_dim)
@@ -262,13 +267,11 @@ def load(model: PreTrainedModel, adapter_dir: Path) -> None:
             f"has {found}"
         )
     m = config["num_virtual_tokens"]
-    if tuple(flat.shape) != (m, num_layers * 2 * num_kv_heads * head_dim):
-        raise TunelabError(
-            f"{adapter_dir}: prompt_embeddings has shape {tuple(flat.shape)}, not (m, L*2*token_dim)"
-        )
     apply(model, Options(num_virtual_tokens=m))
-    model.prefix_encoder.set_prefix(flat.reshape(m, num_layers, 2, num_kv_heads, head_dim))
-    model.prefix_encoder.requires_grad_(False)
+    folded_view = model.prefix_encoder.prefix.detach().view(m, -1)  # (m, L*2*H*d), shares storage
+    load_into({SAVED_NAME: folded_view}, tensors, str(adapter_dir / WEIGHTS_FILE))
+    if not trainable:
+        freeze_all(model)
 
 
 def kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -304,9 +307,10 @@ def text_key_values(model: PreTrainedModel, text: str, num_virtual_tokens: int) 
 
 
 def _encoder(model: nn.Module) -> PrefixEncoder:
+    """The model's `PrefixEncoder`; `RuntimeError` (a programming error) when it has none."""
     encoder = getattr(model, ENCODER_NAME, None)
     if not isinstance(encoder, PrefixEncoder):
-        raise TunelabError(f"{type(model).__name__} has no prefix; call prefix.apply first")
+        raise RuntimeError(f"prefix: {type(model).__name__} holds no prefix (apply or load prefix first)")
     return encoder
 
 
@@ -339,24 +343,42 @@ def _wrap_forward(class_forward):
 
 
 def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict, cache_name: str) -> object:
-    """Run `class_forward` with the prefix in the cache, the mask extended and positions shifted.
-
-    - No cache given: a training step (train mode, gradients on) or `use_cache=False` gets a
-      prefix-only cache, not returned; otherwise a growing cache holding the prefix, returned.
-    - An empty cache given (`generate`'s first forward): filled with the prefix first.
-    - A cache holding our prefix given: used as it is (later forwards of `generate`).
-    - A 2-D mask over the real tokens gets m ones in front; one already that long is kept.
-    - Position ids: given ones + m; else from the mask (cumsum - 1) + m; else the model's own
-      count from the cache length (m + earlier tokens).
-    """
+    """Run `class_forward` with the prefix in the cache (`_prefix_cache`), the mask extended and
+    positions shifted (`_shift_mask_and_positions`); check that every layer saw the prefix."""
     encoder: PrefixEncoder = model.prefix_encoder
-    m = encoder.num_virtual_tokens
     tokens = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
     if tokens is None:
         raise TunelabError("prefix tuning needs input_ids or inputs_embeds")
-    batch_size, length = tokens.shape[:2]
-    training_step = model.training and torch.is_grad_enabled()
+    cache = _prefix_cache(model, encoder, inputs, cache_name, tokens)
+    _shift_mask_and_positions(inputs, encoder.num_virtual_tokens, kv.cache_length(cache), tokens.shape[:2])
 
+    checkpointing = kv.is_prefix_only(cache) and kv.checkpointing_active(model)
+    with kv.cache_kept_under_checkpointing(model) if checkpointing else nullcontext():
+        outputs = class_forward(model, **inputs)
+
+    missed = kv.layers_missed(cache, encoder.num_layers)
+    if missed:
+        raise TunelabError(
+            f"the prefix did not reach layers {missed} of {type(model).__name__}: this transformers version "
+            "dropped the cache on the way (see tunelab/methods/prefix_cache.py)"
+        )
+    if kv.is_prefix_only(cache):  # it lacks this forward's keys: nobody may continue from it
+        outputs = kv.drop_output_cache(outputs, cache)
+    return outputs
+
+
+def _prefix_cache(
+    model: PreTrainedModel, encoder: PrefixEncoder, inputs: dict, cache_name: str, tokens: torch.Tensor
+):
+    """The cache the forward runs with, put into `inputs[cache_name]`:
+
+    - no cache given: a training step (train mode, gradients on) or `use_cache=False` gets a
+      prefix-only cache, not returned; otherwise a growing cache holding the prefix, returned;
+    - an empty cache given (`generate`'s first forward): filled with the prefix first;
+    - a cache holding our prefix given: used as it is (later forwards of `generate`).
+    """
+    batch_size = tokens.shape[0]
+    training_step = model.training and torch.is_grad_enabled()
     cache = inputs.get(cache_name)
     if cache is None:
         use_cache = inputs.get("use_cache")
@@ -364,24 +386,34 @@ def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict, cache
         cache = kv.new_prefix_cache(encoder.layer_key_values(batch_size, model.dtype, tokens.device), grow)
         inputs[cache_name] = cache
         inputs["use_cache"] = grow  # attention layers read a given cache either way
-    else:
-        if kv.is_prefix_only(cache):
+        return cache
+    if kv.is_prefix_only(cache):
+        raise TunelabError(
+            "the given cache comes from a training forward and does not hold its tokens; "
+            "for a reusable cache run the forward in eval mode or under torch.no_grad()"
+        )
+    if training_step and kv.checkpointing_active(model):
+        raise TunelabError(
+            "prefix tuning cannot extend a given cache in training with gradient checkpointing"
+        )
+    if kv.prefix_tokens_in(cache) is None:
+        if not kv.is_cache(cache) or kv.cache_length(cache) != 0:
             raise TunelabError(
-                "the given cache comes from a training forward and does not hold its tokens; "
-                "for a reusable cache run the forward in eval mode or under torch.no_grad()"
+                "the given cache holds positions but not this model's prefix; pass an empty cache or none"
             )
-        if training_step and kv.checkpointing_active(model):
-            raise TunelabError(
-                "prefix tuning cannot extend a given cache in training with gradient checkpointing"
-            )
-        if kv.prefix_tokens_in(cache) is None:
-            if not kv.is_cache(cache) or kv.cache_length(cache) != 0:
-                raise TunelabError(
-                    "the given cache holds positions but not this model's prefix; pass an empty cache or none"
-                )
-            kv.fill_cache(cache, encoder.layer_key_values(batch_size, model.dtype, tokens.device))
-    past = kv.cache_length(cache)  # prefix + earlier real tokens
+        kv.fill_cache(cache, encoder.layer_key_values(batch_size, model.dtype, tokens.device))
+    return cache
 
+
+def _shift_mask_and_positions(inputs: dict, m: int, past: int, shape: tuple[int, int]) -> None:
+    """Make room for the m prefix positions before the real tokens, in place. `past`: positions
+    already in the cache (prefix + earlier real tokens); `shape`: (B, T) of the new tokens.
+
+    - A 2-D mask over the real tokens gets m ones in front; one already that long is kept.
+    - Position ids: given ones + m; else from the mask (cumsum - 1) + m; else the model's own
+      count from the cache length (m + earlier tokens).
+    """
+    batch_size, length = shape
     mask = inputs.get("attention_mask")
     real_mask = None
     if mask is not None:
@@ -408,17 +440,3 @@ def _prefixed_forward(model: PreTrainedModel, class_forward, inputs: dict, cache
         positions = (real_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past - m + T)
         inputs["position_ids"] = positions[:, -length:] + m  # (B, T)
     # else: the model counts from the cache length, m + earlier tokens.
-
-    checkpointing = kv.is_prefix_only(cache) and kv.checkpointing_active(model)
-    with kv.cache_kept_under_checkpointing(model) if checkpointing else nullcontext():
-        outputs = class_forward(model, **inputs)
-
-    missed = kv.layers_missed(cache, encoder.num_layers)
-    if missed:
-        raise TunelabError(
-            f"the prefix did not reach layers {missed} of {type(model).__name__}: this transformers version "
-            "dropped the cache on the way (see tunelab/methods/prefix_cache.py)"
-        )
-    if kv.is_prefix_only(cache):  # it lacks this forward's keys: nobody may continue from it
-        outputs = kv.drop_output_cache(outputs, cache)
-    return outputs

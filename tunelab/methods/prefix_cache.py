@@ -3,8 +3,8 @@
 Prefix tuning enters attention as *past* keys and values: layer l attends over
 `[P_k^l ; K^l]` and `[P_v^l ; V^l]`, which is exactly what a KV cache that already holds m
 positions gives. PEFT's prefix tuning has broken with several cache refactors of transformers;
-here everything it depends on sits in one place, and `tests/unit/test_method_suite_prefix.py`
-checks it on every architecture the tests build.
+here everything it depends on sits in one place, and `tests/unit/test_prefix.py` (with
+`tests/unit/test_method_contract.py`) checks it on every architecture the tests build.
 
 What we rely on (transformers 5.x):
 
@@ -155,7 +155,7 @@ def fill_cache(cache: Cache, prefix: Sequence[LayerKV]) -> None:
             "prefix length); generate with the default dynamic cache"
         )
     if cache_length(cache) != 0:
-        raise TunelabError("internal error: fill_cache called on a cache that already holds positions")
+        raise RuntimeError("fill_cache called on a cache that already holds positions")  # a bug of ours
     for layer_idx, (keys, values) in enumerate(prefix):
         cache.update(keys, values, layer_idx)
     setattr(cache, PREFIX_MARK, prefix[0][0].shape[-2])

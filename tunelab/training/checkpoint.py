@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.errors import TunelabError
 from tunelab.methods import trainable_parameters
 from tunelab.training.distributed import full_tensor, shard_like
 from tunelab.training.rng import restore_rng, rng_states
+from tunelab.weights import load_into
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -123,18 +123,14 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Restore trainable weights, optimizer and RNG from `path`; return its `state.json`."""
-    trainable = trainable_parameters(model)
-    weights = load_file(path / "trainable.safetensors")
-    missing = sorted(set(trainable) - set(weights))
-    unexpected = sorted(set(weights) - set(trainable))
-    if missing or unexpected:
-        raise TunelabError(
-            f"checkpoint {path} does not match the model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): was it made with another method config?"
-        )
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(shard_like(weights[name].to(p.device, p.dtype), p))
+    weights_path = path / "trainable.safetensors"
+    load_into(
+        trainable_parameters(model),
+        load_file(weights_path),
+        f"checkpoint {weights_path}",
+        hint="was it made with another method config?",
+        place=shard_like,  # under FSDP: this rank's shard of the whole saved tensor
+    )
     opt_state = _optimizer_from_files(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )
