@@ -1,7 +1,8 @@
 """The `tunelab` command line: `tunelab COMMAND ...` (also `python -m tunelab COMMAND ...`).
 
-Each command lives in `tunelab/commands/<name>.py` with `register(subparsers)` and `run(args)`.
-A `TunelabError` (bad config, bad data, missing model) is printed as one line, without a traceback.
+Each command lives in `tunelab/commands/<name>.py` (`HELP`, `DESCRIPTION`, `add_arguments(parser)`,
+`run(args)`; tunelab/commands/__init__.py). A `TunelabError` (bad config, bad data, missing model)
+is printed as one line, without a traceback; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from tunelab.errors import TunelabError
 COMMANDS = ["train", "eval", "generate", "demo", "merge", "inspect", "score"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds an option's default to its help, unless there is none to show (None, or False for a flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunelab",
@@ -26,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"tunelab.commands.{name}").register(subparsers)
+        command = importlib.import_module(f"tunelab.commands.{name}")
+        command_parser = subparsers.add_parser(
+            name, help=command.HELP, description=command.DESCRIPTION, formatter_class=HelpFormatter
+        )
+        command.add_arguments(command_parser)
+        command_parser.set_defaults(func=command.run)
     return parser
 
 

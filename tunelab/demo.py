@@ -1,7 +1,8 @@
 """The offline demo: fine-tune a small model on the bundled instruction data and show it learned.
 
-The base model ships with the repository in `models/demo-base/` (3.7 MB); `scripts/make_demo_model.py`
-rebuilds it from nothing, deterministically on a given machine (about 5 minutes on 2 cores):
+The base model ships with the repository in `models/demo-base/` (under 4 MB);
+`scripts/make_demo_model.py` rebuilds it from nothing, deterministically on a given machine (about
+5 minutes on 2 cores):
 
 1. a Llama-architecture model (hidden 128, 4 layers, about 0.9M parameters) with random weights
    and a byte-level BPE tokenizer trained on the demo data;
@@ -12,7 +13,9 @@ rebuilds it from nothing, deterministically on a given machine (about 5 minutes 
 Instruction fine-tuning then teaches it to follow `### Instruction / ### Input / ### Response`
 prompts: the demo evaluates the base model (eval loss, exact-match accuracy of greedy answers on
 the held-out split), trains with the given config, evaluates again and prints a before/after table.
-Nothing is downloaded.
+Nothing is downloaded. The demo's config, data and model are found in the repository from any
+working directory (`bundled`); what it writes goes to the config's `output_dir` (`runs/demo`),
+relative to the working directory.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ import random
 import shutil
 from pathlib import Path
 
+from tunelab.console import note
 from tunelab.demo_data import TASKS, WORDS
+from tunelab.errors import TunelabError
 from tunelab.tiny import build_tiny_model_dir, build_tokenizer
 
-DEMO_DATA = Path("data/demo")
-DEMO_MODEL = Path("models/demo-base")
+REPOSITORY = Path(__file__).resolve().parent.parent
+"""The checkout tunelab runs from (an editable install): the demo's model, data and configs are there."""
+DEMO_DATA = REPOSITORY / "data" / "demo"
+DEMO_MODEL = REPOSITORY / "models" / "demo-base"
 DEMO_SIZES = {
     "hidden": 128,
     "layers": 4,
@@ -36,6 +43,25 @@ DEMO_SIZES = {
     "max_positions": 256,
 }
 PRETRAIN_STEPS = 5000
+
+
+def bundled(path: str | Path) -> Path:
+    """`path` itself where it exists (or is absolute); else, for a relative path, the repository's
+    file of that name, so that the demo's configs, which name `configs/`, `data/demo/` and
+    `models/demo-base` relative to the repository, work from any working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (REPOSITORY / path).exists():
+        return path
+    return REPOSITORY / path
+
+
+def locate_bundled_inputs(config) -> None:
+    """Point a demo run config's model and data at the repository's files (`bundled`). Its
+    `output_dir` stays as written: relative to the working directory."""
+    config.model.name_or_path = str(bundled(config.model.name_or_path))
+    config.data.train = str(bundled(config.data.train))
+    if config.data.eval:
+        config.data.eval = str(bundled(config.data.eval))
 
 
 def demo_corpus(data_dir: Path = DEMO_DATA) -> list[str]:
@@ -73,6 +99,11 @@ def ensure_demo_model(
         return path
     import tunelab
 
+    if not (Path(data_dir) / "train.jsonl").is_file():
+        raise TunelabError(
+            f"cannot build the demo base model: {Path(data_dir) / 'train.jsonl'} is missing "
+            "(the demo runs from a tunelab checkout, installed with pip install -e .)"
+        )
     work = path.parent / f"{path.name}.build"
     shutil.rmtree(work, ignore_errors=True)
     tokenizer = build_tokenizer(demo_corpus(data_dir), vocab_size=640)
@@ -83,10 +114,7 @@ def ensure_demo_model(
     else:
         corpus = work / "pretrain.jsonl"
         corpus.write_text("".join(json.dumps(r) + "\n" for r in pretraining_records(20000)))
-        print(
-            f"[demo] pre-training the demo base model ({pretrain_steps} steps, into {path}) ...",
-            flush=True,
-        )
+        note(f"[demo] pre-training the demo base model ({pretrain_steps} steps, into {path}) ...")
         config = tunelab.load_config(
             None,
             model={"name_or_path": str(init)},

@@ -4,6 +4,9 @@ generations against reference responses.
     eval_loss  = sum of token losses / number of target tokens       (per-token cross-entropy)
     perplexity = exp(eval_loss)
     exact match = mean over records of [strip(generated) == strip(reference)]
+
+where `generated` is the greedy response up to its first EOS (the tokenizer's or the generation
+config's; `tunelab.generation`).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.data.collate import count_targets, left_pad, pad_batch
+from tunelab.data.collate import count_targets, pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation
 from tunelab.data.tokenize import TokenizedExample
+from tunelab.generation import generate
 from tunelab.logprobs import model_lm_loss_sum
 
 
@@ -61,7 +65,6 @@ class Generation:
         return self.output.strip() == self.reference.strip()
 
 
-@torch.no_grad()
 def generate_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -72,32 +75,12 @@ def generate_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> list[str]:
-    """Generate a response for each tokenised prompt (greedy unless `do_sample`); stops at EOS."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in left_pad(prompts[start : start + batch_size], tokenizer.pad_token_id).items()
-        }
-        sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            if do_sample
-            else {"do_sample": False}
-        )
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]  # (B, new)
-        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    model.train(was_training)
-    return outputs
+    """The text of a response to each tokenised prompt (greedy unless `do_sample`), cut at the
+    first EOS (`tunelab.generation`)."""
+    options = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    )
+    return generate(model, tokenizer, prompts, max_new_tokens, batch_size, options).texts
 
 
 def exact_match(

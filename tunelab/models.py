@@ -77,7 +77,8 @@ def no_logits(device: torch.device) -> torch.Tensor:
     runs the LM head on zero rows, for callers that compute the loss from the hidden states.
 
     `logits_to_keep=1` would still run the head on one position per row, and on CPU that call
-    copied the whole transposed (H, V) head weight every step (5.5 ms at H = 512, V = 8192, bf16).
+    copied the whole transposed (H, V) head weight every step (BENCHMARKS.md, "No LM-head call in
+    the loss forward").
     """
     return torch.empty(0, dtype=torch.long, device=device)  # (0,) positions
 

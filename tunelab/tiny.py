@@ -25,7 +25,15 @@ from transformers import (
     Qwen2Config,
 )
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "gemma", "phi3")
+CONFIG_CLASSES = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "mistral": MistralConfig,
+    "gpt2": GPT2Config,
+    "gemma": GemmaConfig,
+    "phi3": Phi3Config,
+}
+ARCHITECTURES = tuple(CONFIG_CLASSES)  # llama, qwen2, mistral, gpt2, gemma, phi3
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -86,6 +94,16 @@ def default_corpus() -> list[str]:
     return lines
 
 
+# GPT-2's config predates the names the others share; the same sizes under its own names.
+GPT2_NAMES = {
+    "hidden_size": "n_embd",
+    "intermediate_size": "n_inner",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "max_position_embeddings": "n_positions",
+}
+
+
 def tiny_config(
     arch: str,
     vocab_size: int,
@@ -100,42 +118,30 @@ def tiny_config(
     bos_token_id: int = 1,
     eos_token_id: int = 2,
 ) -> PretrainedConfig:
-    """The config of a tiny model of architecture `arch` (one of `ARCHITECTURES`)."""
-    intermediate = intermediate or 2 * hidden
-    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
-    common = dict(
+    """The config of a tiny model of architecture `arch` (one of `ARCHITECTURES`). GPT-2 has no
+    grouped key/value heads (`kv_heads` does not apply to it)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+    sizes = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=intermediate,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie_embeddings,
-        **ids,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
     )
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "mistral":
-        return MistralConfig(**common, head_dim=hidden // heads)
-    if arch == "gemma":
-        return GemmaConfig(**common, head_dim=hidden // heads)
-    if arch == "phi3":
-        return Phi3Config(**common, original_max_position_embeddings=max_positions)
     if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=max_positions,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_inner=intermediate,
-            tie_word_embeddings=tie_embeddings,
-            **ids,
-        )
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
+        return GPT2Config(**{GPT2_NAMES.get(name, name): value for name, value in sizes.items()})
+    extra = {
+        "mistral": {"head_dim": hidden // heads},
+        "gemma": {"head_dim": hidden // heads},
+        "phi3": {"original_max_position_embeddings": max_positions},
+    }.get(arch, {})
+    return CONFIG_CLASSES[arch](**sizes, num_key_value_heads=kv_heads, **extra)
 
 
 def build_tiny_model_dir(

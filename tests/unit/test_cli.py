@@ -13,9 +13,14 @@ from tests.helpers import sft_config
 from tunelab.cli import COMMANDS, main
 
 
-def run_cli(*args, stdin: str | None = None):
+def run_cli(*args, stdin: str | None = None, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, input=stdin, timeout=300
+        [sys.executable, "-m", "tunelab", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -82,3 +87,14 @@ def test_eval_and_generate_on_a_trained_run(tiny_model_dirs, instruction_data, t
     assert (
         chat.stdout.count("\n") == 2
     )  # one reply line per user line (a barely trained model may say nothing)
+
+
+def test_demo_runs_from_any_working_directory(tmp_path):
+    """The bundled config, data and model are found from elsewhere; the run goes under the working
+    directory."""
+    quick = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0", "eval.num_examples=4"]
+    result = run_cli("demo", *quick, "output_dir=out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| exact match (held-out)" in result.stdout and str(tmp_path / "out") in result.stdout
+    summary = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert summary["after"]["steps"] == 2 and (tmp_path / "out" / "final").is_dir()

@@ -189,6 +189,33 @@ def test_eval_fraction_holds_out_pairs(tiny_tokenizer, tmp_path):
     assert (len(data.train), len(data.eval)) == (8, 2)
 
 
+def test_every_kind_of_data_holds_out_the_same_records(tiny_tokenizer, tmp_path):
+    """One split rule (tunelab/data/splits.py): with the same seed, SFT records, preference pairs
+    and RL prompts hold out the same record numbers, and `max_records` then keeps the first of the
+    records that train."""
+    n, cfg = 12, {"template": "alpaca", "eval_fraction": 0.25, "max_records": 5}
+    sft_path = write_jsonl(
+        tmp_path / "s.jsonl", [{"instruction": f"say {i}", "output": "ok"} for i in range(n)]
+    )
+    pair_rows = [{"prompt": f"say {i}", "chosen": "yes", "rejected": "no"} for i in range(n)]
+    pair_path = write_jsonl(tmp_path / "p.jsonl", pair_rows)
+    prompt_path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"say {i}"} for i in range(n)])
+    sft = prepare_data(DataConfig(train=str(sft_path), **cfg), tiny_tokenizer, seed=3)
+    preferences = prepare_preferences(DataConfig(train=str(pair_path), **cfg), tiny_tokenizer, seed=3)
+    prompts = prepare_prompts(DataConfig(train=str(prompt_path), **cfg), tiny_tokenizer, seed=3)
+
+    def number(text: str) -> int:
+        return int(text.split("say ")[1].split()[0])
+
+    held = sorted(number(conv.turns[-2][1]) for conv in sft.eval.conversations)
+    assert len(held) == 3 and held != [0, 1, 2]  # a seeded choice, not the first records
+    assert sorted(number(prompt_part(tiny_tokenizer, p.chosen)) for p in preferences.eval) == held
+    assert sorted(number(p.prompt) for p in prompts.eval) == held
+    training = [number(conv.turns[-2][1]) for conv in sft.train.conversations]
+    assert training == [i for i in range(n) if i not in held][:5]
+    assert [number(p.prompt) for p in prompts.train] == training
+
+
 def test_prompts_keep_answer_and_match_sft_generation_prompts(tiny_tokenizer, tmp_path):
     rows = [
         {"prompt": "What is 2 plus 3?", "answer": "5"},

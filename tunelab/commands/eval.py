@@ -6,32 +6,37 @@ import argparse
 import json
 from pathlib import Path
 
+from tunelab.commands.arguments import (
+    TRAINED_PATH_HELP,
+    add_load_options,
+    add_records_options,
+    add_template_option,
+)
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate a run, model folder or adapter: loss, perplexity, exact match",
-        description="Evaluate on held-out data: per-token loss, perplexity and, for instruction/chat data, "
-        "the exact-match accuracy of greedy generations against the reference responses. With a run "
-        "folder and no --data, the run's own eval data is used.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("path", help="run folder, model folder, adapter folder or hub id")
+HELP = "evaluate a run, model folder or adapter: loss, perplexity, exact match"
+DESCRIPTION = (
+    "Evaluate on held-out data: per-token loss, perplexity and, for instruction/chat data, "
+    "the exact-match accuracy of greedy generations against the reference responses. With a run "
+    "folder and no --data, the run's own eval data is used."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help=TRAINED_PATH_HELP)
     parser.add_argument("--data", help="eval data file or hub data set (default: the run's eval data)")
-    parser.add_argument("--split", default="train", help="split of a hub data set")
+    add_records_options(parser, "evaluate")
     parser.add_argument("--format", default=None, help="record format (default: the run's, else auto)")
+    add_template_option(parser, "the run's, else auto")
     parser.add_argument(
-        "--template", default=None, help="auto, alpaca or chat (default: the run's, else auto)"
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate examples to this many tokens (default: the run's, else 2048)",
     )
-    parser.add_argument("--max-length", type=int, default=None, help="truncate examples to this many tokens")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many records")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-generate", action="store_true", help="skip the exact-match generation")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto")
+    add_load_options(parser)
     parser.add_argument("--show", type=int, default=0, help="print this many generations")
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:

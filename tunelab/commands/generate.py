@@ -6,29 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
+from tunelab.commands.arguments import TRAINED_PATH_HELP, add_load_options, add_template_option
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate",
-        help="answer a prompt, or chat interactively, with a run, model or adapter",
-        description="Without --prompt, starts an interactive chat (empty line or Ctrl-D ends it; "
-        "'/reset' clears the history). Prompts are rendered with the run's template.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("path", help="run folder, model folder, adapter folder or hub id")
+HELP = "answer a prompt, or chat interactively, with a run, model or adapter"
+DESCRIPTION = (
+    "Without --prompt, starts an interactive chat (empty line or Ctrl-D ends it; "
+    "'/reset' clears the history). Prompts are rendered with the run's template; an answer ends "
+    "at the tokenizer's or the model's generation-config end-of-sequence token."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help=TRAINED_PATH_HELP)
     parser.add_argument("--prompt", help="the instruction (omit for an interactive chat)")
     parser.add_argument("--input", default="", help="optional input/context for the instruction")
-    parser.add_argument(
-        "--template", default=None, help="auto, alpaca or chat (default: the run's, else auto)"
-    )
+    add_template_option(parser, "the run's, else auto")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto")
-    parser.set_defaults(func=run)
+    add_load_options(parser)
 
 
 def answer(model, tokenizer, turns, template, extra, args) -> str:

@@ -16,27 +16,24 @@ import argparse
 import json
 from pathlib import Path
 
+from tunelab.commands.arguments import add_load_options, add_records_options, add_template_option
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "score",
-        help="score responses (or preference pairs) with a trained reward model",
-        description="Score responses with a reward model trained by `objective: reward`: one response "
-        "(--prompt/--response), or every record of a data file (--data), printed as JSON lines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+HELP = "score responses (or preference pairs) with a trained reward model"
+DESCRIPTION = (
+    "Score responses with a reward model trained by `objective: reward`: one response "
+    "(--prompt/--response), or every record of a data file (--data), printed as JSON lines."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="reward-model run folder or its final/ folder")
     parser.add_argument("--data", help="records to score: preference pairs or prompt + response records")
     parser.add_argument("--prompt", help="the prompt (with --response)")
     parser.add_argument("--response", help="the response to score (with --prompt)")
-    parser.add_argument("--split", default="train", help="split of a hub data set")
-    parser.add_argument("--template", default=None, help="alpaca or chat (default: the reward model's)")
+    add_records_options(parser, "score")
+    add_template_option(parser, "the reward model's")
     parser.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
-    parser.add_argument("--limit", type=int, default=None, help="score at most this many records")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="auto")
-    parser.set_defaults(func=run)
+    add_load_options(parser)
 
 
 def _single_conversation(record: dict, source: str, number: int):
@@ -54,69 +51,93 @@ def _single_conversation(record: dict, source: str, number: int):
     return to_conversation(record, fmt, source, number)
 
 
+class Scorer:
+    """A reward model with what scoring needs: the template, the tokenizer, the batch size."""
+
+    def __init__(self, args):
+        from tunelab.data.templates import choose_template
+        from tunelab.data.tokenize import adds_bos
+        from tunelab.rl.reward_model import load_reward_model
+
+        self.model = load_reward_model(Path(args.path), dtype=args.dtype, device=args.device)
+        self.tokenizer = self.model.tokenizer
+        self.template = choose_template(args.template or self.model.template, self.tokenizer)
+        self.add_special = self.template != "chat" and adds_bos(self.tokenizer)
+        self.max_length, self.batch_size = args.max_length, args.batch_size
+
+    def encode(self, conversation):
+        """A conversation ending with the response, rendered and tokenised."""
+        from tunelab.data.templates import render_segments
+        from tunelab.data.tokenize import encode_segments
+
+        segments = render_segments(conversation, self.tokenizer, self.template)
+        return encode_segments(segments, self.tokenizer, self.max_length, False, self.add_special)
+
+    def scores(self, examples) -> list[float]:
+        """The reward of each tokenised example, in batches."""
+        from tunelab.data.collate import pad_batch
+
+        out = []
+        for start in range(0, len(examples), self.batch_size):
+            batch = pad_batch(examples[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            out += self.model.score(batch["input_ids"], batch["attention_mask"]).tolist()
+        return out
+
+
 def run(args) -> int:
-    from tunelab.data.collate import pad_batch
     from tunelab.data.formats import Conversation
-    from tunelab.data.preference import encode_pair, to_preference_pair
     from tunelab.data.sources import read_records
-    from tunelab.data.templates import choose_template, render_segments
-    from tunelab.data.tokenize import adds_bos, encode_segments
     from tunelab.errors import TunelabError
-    from tunelab.rl.reward_model import load_reward_model
 
     if (args.data is None) == (args.prompt is None):
         raise TunelabError("give either --data FILE or --prompt TEXT --response TEXT")
     if args.prompt is not None and args.response is None:
         raise TunelabError("--prompt needs --response")
-    reward_model = load_reward_model(Path(args.path), dtype=args.dtype, device=args.device)
-    tokenizer = reward_model.tokenizer
-    template = choose_template(args.template or reward_model.template, tokenizer)
-    add_special = template != "chat" and adds_bos(tokenizer)
-
-    def encode(conv: Conversation):
-        return encode_segments(
-            render_segments(conv, tokenizer, template), tokenizer, args.max_length, False, add_special
-        )
-
-    def scores(examples) -> list[float]:
-        out = []
-        for start in range(0, len(examples), args.batch_size):
-            batch = pad_batch(examples[start : start + args.batch_size], tokenizer.pad_token_id)
-            out += reward_model.score(batch["input_ids"], batch["attention_mask"]).tolist()
-        return out
-
+    scorer = Scorer(args)
     if args.prompt is not None:
         conv = Conversation([("user", args.prompt), ("assistant", args.response)])
-        print(f"{scores([encode(conv)])[0]:.6f}")
+        print(f"{scorer.scores([scorer.encode(conv)])[0]:.6f}")
         return 0
-
     records, _ = read_records(args.data, args.split)
     records = records[: args.limit] if args.limit is not None else records
     if {"chosen", "rejected"} <= set(records[0][1]):
-        numbers, examples = [], []
-        for number, record in records:
-            pair = encode_pair(
-                to_preference_pair(record, args.data, number), tokenizer, template, args.max_length
-            )
-            if pair is None:
-                raise TunelabError(f"{args.data}, record {number}: a response is cut away by --max-length")
-            numbers.append(number)
-            examples.append(pair)
-        chosen = scores([p.chosen for p in examples])
-        rejected = scores([p.rejected for p in examples])
-        for number, c, r in zip(numbers, chosen, rejected, strict=True):
-            print(json.dumps({"record": number, "chosen": c, "rejected": r}))
-        margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-        summary = {
-            "pairs": len(margins),
-            "accuracy": sum(m > 0 for m in margins) / len(margins),
-            "mean_margin": sum(margins) / len(margins),
-        }
+        summary = _score_pairs(scorer, records, args.data)
     else:
-        convs = [(number, _single_conversation(record, args.data, number)) for number, record in records]
-        rewards = scores([encode(conv) for _, conv in convs])
-        for (number, _), reward in zip(convs, rewards, strict=True):
-            print(json.dumps({"record": number, "reward": reward}))
-        summary = {"records": len(rewards), "mean_reward": sum(rewards) / len(rewards)}
+        summary = _score_responses(scorer, records, args.data)
     print(json.dumps({"summary": summary}))
     return 0
+
+
+def _score_pairs(scorer: Scorer, records: list[tuple[int, dict]], source: str) -> dict:
+    """Print each pair's rewards as a JSON line; returns the pairwise accuracy and mean margin."""
+    from tunelab.data.preference import encode_pair, to_preference_pair
+    from tunelab.errors import TunelabError
+
+    numbers, examples = [], []
+    for number, record in records:
+        pair = encode_pair(
+            to_preference_pair(record, source, number), scorer.tokenizer, scorer.template, scorer.max_length
+        )
+        if pair is None:
+            raise TunelabError(f"{source}, record {number}: a response is cut away by --max-length")
+        numbers.append(number)
+        examples.append(pair)
+    chosen = scorer.scores([p.chosen for p in examples])
+    rejected = scorer.scores([p.rejected for p in examples])
+    for number, c, r in zip(numbers, chosen, rejected, strict=True):
+        print(json.dumps({"record": number, "chosen": c, "rejected": r}))
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {
+        "pairs": len(margins),
+        "accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+    }
+
+
+def _score_responses(scorer: Scorer, records: list[tuple[int, dict]], source: str) -> dict:
+    """Print each response's reward as a JSON line; returns the mean reward."""
+    convs = [(number, _single_conversation(record, source, number)) for number, record in records]
+    rewards = scorer.scores([scorer.encode(conv) for _, conv in convs])
+    for (number, _), reward in zip(convs, rewards, strict=True):
+        print(json.dumps({"record": number, "reward": reward}))
+    return {"records": len(rewards), "mean_reward": sum(rewards) / len(rewards)}

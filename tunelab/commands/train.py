@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from tunelab.commands.arguments import add_overrides
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a model from a YAML config",
-        description="Train with the config's method and objective. Overrides use dotted keys: "
-        "`tunelab train run.yaml train.lr=1e-4 method.r=16 output_dir=runs/x`. "
-        "A run's folder holds metrics.jsonl, checkpoints/step-N/, final/ and loss.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+HELP = "train a model from a YAML config"
+DESCRIPTION = (
+    "Train with the config's method and objective. Overrides use dotted keys: "
+    "`tunelab train run.yaml train.lr=1e-4 method.r=16 output_dir=runs/x`. "
+    "A run's folder holds metrics.jsonl, checkpoints/step-N/, final/ and loss.png."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    add_overrides(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.set_defaults(func=run)
 
 
 def run(args) -> int:

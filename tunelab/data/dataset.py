@@ -7,14 +7,14 @@ record and the field; with `skip_bad_records` they are counted instead) -> rende
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig
 from tunelab.data.formats import Conversation, detect_format, to_conversation
-from tunelab.data.sources import is_local, read_records
+from tunelab.data.sources import check_records, read_records
+from tunelab.data.splits import split_train_eval
 from tunelab.data.templates import choose_template, generation_prompt, render_segments
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_prompt, encode_segments
 from tunelab.errors import DataError
@@ -59,17 +59,12 @@ def read_conversations(
                 None,
                 f"cannot tell the data format from fields {sorted(record)}; set data.format",
             )
-    conversations = []
-    for number, record in records:
-        try:
-            conversations.append(to_conversation(record, resolved, source, number, system_prompt))
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-    if not conversations:
-        raise DataError(source, None, None, "no usable records")
-    return conversations, resolved, skipped
+
+    def check(record: dict, source: str, number: int) -> Conversation:
+        return to_conversation(record, resolved, source, number, system_prompt)
+
+    conversations, bad = check_records(source, records, skip_bad, check)
+    return conversations, resolved, skipped + bad
 
 
 def tokenize_split(
@@ -102,21 +97,14 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     train_convs, fmt, skipped = read_conversations(
         cfg.train, cfg.split, cfg.format, cfg.skip_bad_records, cfg.system_prompt
     )
-    eval_convs, eval_skipped = None, 0
-    if cfg.eval:
-        eval_split = cfg.eval_split or ("test" if not is_local(cfg.eval) else "train")
-        eval_convs, _, eval_skipped = read_conversations(
-            cfg.eval, eval_split, fmt, cfg.skip_bad_records, cfg.system_prompt
+
+    def read_eval(source: str, split: str) -> tuple[list[Conversation], int]:
+        conversations, _, skipped = read_conversations(
+            source, split, fmt, cfg.skip_bad_records, cfg.system_prompt
         )
-    elif cfg.eval_fraction > 0:
-        order = list(range(len(train_convs)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(round(cfg.eval_fraction * len(order))))
-        held = set(order[:n_eval])
-        eval_convs = [c for i, c in enumerate(train_convs) if i in held]
-        train_convs = [c for i, c in enumerate(train_convs) if i not in held]
-    if cfg.max_records is not None:
-        train_convs = train_convs[: cfg.max_records]
+        return conversations, skipped
+
+    train_convs, eval_convs, eval_skipped = split_train_eval(cfg, train_convs, read_eval, seed)
     template = choose_template(cfg.template, tokenizer) if fmt != "text" else "text"
     train = tokenize_split(train_convs, tokenizer, template, cfg)
     train.skipped = skipped

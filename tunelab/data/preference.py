@@ -22,8 +22,8 @@ counted with `data.skip_bad_records`.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,7 +32,8 @@ from tunelab.config import DataConfig
 from tunelab.data.collate import pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation, _messages, to_conversation
-from tunelab.data.sources import is_local, read_records
+from tunelab.data.sources import check_records, read_records
+from tunelab.data.splits import split_train_eval
 from tunelab.data.templates import choose_template, render_segments
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_segments
 from tunelab.errors import DataError
@@ -40,6 +41,7 @@ from tunelab.errors import DataError
 PROMPT_KEYS = ("prompt", "question")
 
 Turns = list[tuple[str, str]]
+Example = TypeVar("Example")
 
 
 @dataclass
@@ -80,19 +82,18 @@ class PromptExample:
 
 
 @dataclass
-class PreferenceData:
-    train: list[PairExample]
-    eval: list[PairExample] | None
+class PreparedExamples(Generic[Example]):
+    """The tokenised training and held-out examples of a preference or prompt set, the template
+    they were rendered with, and notes for the run's log."""
+
+    train: list[Example]
+    eval: list[Example] | None
     template: str
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class PromptData:
-    train: list[PromptExample]
-    eval: list[PromptExample] | None
-    template: str
-    notes: list[str] = field(default_factory=list)
+PreferenceData = PreparedExamples[PairExample]
+PromptData = PreparedExamples[PromptExample]
 
 
 # ------------------------------------------------------------------ checking records
@@ -110,7 +111,9 @@ def _response_turns(value, source: str, number: int, key: str) -> Turns:
 def to_preference_pair(
     record: dict, source: str, number: int, system_prompt: str | None = None
 ) -> PreferencePair:
-    """Check a preference record and split it into prompt and responses (DataError if malformed)."""
+    """Check a preference record and split it into prompt and responses (DataError if malformed):
+    with a `prompt` field the responses are `chosen` and `rejected` as they are; without one,
+    `chosen` and `rejected` are whole conversations and the prompt is their shared beginning."""
     for key in ("chosen", "rejected"):
         if key not in record or record[key] is None:
             raise DataError(source, number, key, "missing field")
@@ -127,44 +130,9 @@ def to_preference_pair(
             source, number, "rejected", "chosen and rejected must both be strings or both messages"
         )
     if prompt is None:
-        if isinstance(chosen, str):
-            raise DataError(
-                source, number, "prompt", "missing field (needed when chosen/rejected are strings)"
-            )
-        chosen_turns = _messages(chosen, source, number, "chosen")
-        rejected_turns = _messages(rejected, source, number, "rejected")
-        shared = 0
-        while (
-            shared < min(len(chosen_turns), len(rejected_turns))
-            and chosen_turns[shared] == rejected_turns[shared]
-        ):
-            shared += 1
-        while shared > 0 and chosen_turns[shared - 1][0] == "assistant":
-            shared -= 1  # the responses start at an assistant turn
-        starts = [
-            turns[shared][0] if shared < len(turns) else None for turns in (chosen_turns, rejected_turns)
-        ]
-        if shared == 0 or starts != ["assistant", "assistant"]:
-            raise DataError(
-                source,
-                number,
-                "chosen",
-                "cannot find the shared prompt: no shared leading messages before the answers",
-            )
-        prompt_turns, chosen_turns, rejected_turns = (
-            chosen_turns[:shared],
-            chosen_turns[shared:],
-            rejected_turns[shared:],
-        )
+        prompt_turns, chosen_turns, rejected_turns = _split_shared_prompt(chosen, rejected, source, number)
     else:
-        if isinstance(prompt, list):
-            prompt_turns = _messages(prompt, source, number, "prompt")
-        elif isinstance(prompt, str):
-            prompt_turns = [("user", prompt)]
-        else:
-            raise DataError(
-                source, number, "prompt", f"expected a string or messages, got {type(prompt).__name__}"
-            )
+        prompt_turns = _prompt_turns(prompt, source, number)
         chosen_turns = _response_turns(chosen, source, number, "chosen")
         rejected_turns = _response_turns(rejected, source, number, "rejected")
     if system_prompt and prompt_turns[0][0] != "system":
@@ -176,6 +144,42 @@ def to_preference_pair(
         raise DataError(source, number, "margin", f"expected a number, got {margin!r}")
     extra = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "margin")}
     return PreferencePair(prompt_turns, chosen_turns, rejected_turns, float(margin), extra)
+
+
+def _prompt_turns(prompt, source: str, number: int) -> list[tuple[str, str]]:
+    """A `prompt` field (a string: one user turn; or messages) as turns."""
+    if isinstance(prompt, list):
+        return _messages(prompt, source, number, "prompt")
+    if isinstance(prompt, str):
+        return [("user", prompt)]
+    raise DataError(source, number, "prompt", f"expected a string or messages, got {type(prompt).__name__}")
+
+
+def _split_shared_prompt(chosen, rejected, source: str, number: int):
+    """(prompt turns, chosen turns, rejected turns) of two whole conversations without a `prompt`
+    field: the prompt is their longest shared beginning that ends before an assistant turn, and
+    both answers must start with an assistant turn."""
+    if isinstance(chosen, str):
+        raise DataError(source, number, "prompt", "missing field (needed when chosen/rejected are strings)")
+    chosen_turns = _messages(chosen, source, number, "chosen")
+    rejected_turns = _messages(rejected, source, number, "rejected")
+    shared = 0
+    while (
+        shared < min(len(chosen_turns), len(rejected_turns))
+        and chosen_turns[shared] == rejected_turns[shared]
+    ):
+        shared += 1
+    while shared > 0 and chosen_turns[shared - 1][0] == "assistant":
+        shared -= 1  # the responses start at an assistant turn
+    starts = [turns[shared][0] if shared < len(turns) else None for turns in (chosen_turns, rejected_turns)]
+    if shared == 0 or starts != ["assistant", "assistant"]:
+        raise DataError(
+            source,
+            number,
+            "chosen",
+            "cannot find the shared prompt: no shared leading messages before the answers",
+        )
+    return chosen_turns[:shared], chosen_turns[shared:], rejected_turns[shared:]
 
 
 def to_prompt(
@@ -190,24 +194,16 @@ def to_prompt(
 
 
 def _read_checked(source: str, split: str, skip_bad: bool, check) -> tuple[list, int]:
-    records, skipped = read_records(source, split, skip_bad)
-    checked = []
-    for number, record in records:
-        try:
-            checked.append(check(record, source, number))
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-    if not checked:
-        raise DataError(source, None, None, "no usable records")
-    return checked, skipped
+    """The checked records of `source` and how many were skipped (unreadable or failing `check`)."""
+    records, unreadable = read_records(source, split, skip_bad)
+    checked, bad = check_records(source, records, skip_bad, check)
+    return checked, unreadable + bad
 
 
 def _train_and_eval(
     cfg: DataConfig, expected_format: str, check, seed: int
 ) -> tuple[list, list | None, list[str]]:
-    """Read and check the training records and the held-out ones (`data.eval` or `data.eval_fraction`)."""
+    """Read and check the training records and the held-out ones (`tunelab.data.splits`)."""
     if not cfg.train:
         raise DataError("data.train", None, None, "no training data given")
     if cfg.format not in ("auto", expected_format):
@@ -218,19 +214,12 @@ def _train_and_eval(
             f"this objective reads {expected_format} records, but data.format is {cfg.format!r}",
         )
     train, skipped = _read_checked(cfg.train, cfg.split, cfg.skip_bad_records, check)
-    held_out = None
-    if cfg.eval:
-        split = cfg.eval_split or ("test" if not is_local(cfg.eval) else "train")
-        held_out, eval_skipped = _read_checked(cfg.eval, split, cfg.skip_bad_records, check)
-        skipped += eval_skipped
-    elif cfg.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: max(1, int(round(cfg.eval_fraction * len(order))))])
-        held_out = [r for i, r in enumerate(train) if i in held]
-        train = [r for i, r in enumerate(train) if i not in held]
-    if cfg.max_records is not None:
-        train = train[: cfg.max_records]
+
+    def read_eval(source: str, split: str) -> tuple[list, int]:
+        return _read_checked(source, split, cfg.skip_bad_records, check)
+
+    train, held_out, eval_skipped = split_train_eval(cfg, train, read_eval, seed)
+    skipped += eval_skipped
     notes = [f"skipped {skipped} bad records"] if skipped else []
     return train, held_out, notes
 

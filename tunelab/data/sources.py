@@ -1,4 +1,4 @@
-"""Reading records from local files (JSONL, JSON, CSV, Parquet) or hub data sets.
+"""Reading records from local files (JSONL, JSON, CSV, Parquet) or hub data sets, and checking them.
 
 Each record comes back with its number in the source (the line for JSONL, counted from 1; the
 row for JSON/CSV/Parquet, counted from 1), so that a bad record can be named exactly.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tunelab.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+Checked = TypeVar("Checked")
 
 
 def is_local(source: str) -> bool:
@@ -52,6 +56,27 @@ def read_records(
     if not records and not skipped:
         raise DataError(source, None, None, "holds no records (empty file)")
     return records, skipped
+
+
+def check_records(
+    source: str,
+    records: list[tuple[int, dict]],
+    skip_bad: bool,
+    check: Callable[[dict, str, int], Checked],
+) -> tuple[list[Checked], int]:
+    """`check(record, source, number)` of every record, and how many raised `DataError` and were
+    skipped (with `skip_bad`; else the first error stops). A `DataError` when none is left."""
+    checked, skipped = [], 0
+    for number, record in records:
+        try:
+            checked.append(check(record, source, number))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not checked:
+        raise DataError(source, None, None, "no usable records")
+    return checked, skipped
 
 
 def _read_jsonl(path: Path, skip_bad: bool) -> tuple[list[tuple[int, dict]], int]:

@@ -62,14 +62,19 @@ def packed_sdpa_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+    if query.shape[0] != 1:
+        raise RuntimeError(f"packed attention takes one packed row, got a batch of {query.shape[0]}")
+    if key.shape[2] != query.shape[2]:  # keys before the row's tokens: a cache, prefix tuning's prefix
         raise TunelabError(
-            "packed attention takes one packed row and no key/value cache (prefix tuning's prefix is one); "
-            "turn data.packing off for this method"
+            "data.packing cannot be used with a method that adds keys before the tokens (prefix tuning's "
+            "prefix is a key/value cache); turn data.packing off for this method"
         )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window and longest_example(cu_seq_lens) > window:
-        raise TunelabError(f"packed attention has no sliding window; an example is longer than {window}")
+        raise TunelabError(
+            f"data.packing has no sliding window, and an example is longer than the model's {window}; "
+            f"set data.max_length to at most {window} or turn data.packing off"
+        )
     if query.is_cuda:
         if varlen_available(query, dropout):
             return varlen_flash(query, key, value, cu_seq_lens, scaling), None

@@ -9,15 +9,16 @@ example i,
 and returns (1, N, H, D), the layout of transformers' attention functions. Three ways, by device:
 
 - `per_example_sdpa` (CPU): one causal SDPA call per example; costs sum_i T_i^2. On CPU it runs in
-  float32, where PyTorch's flash kernel is faster than in bfloat16 (+9% a step, measured). Packed
-  attention on CPU takes tunelab's C++ kernel first (`cpu_attention.py`, the same float32
-  arithmetic, 1.15x a step); this loop serves where that kernel does not apply or build.
+  float32, where PyTorch's flash kernel is faster than in bfloat16. Packed attention on CPU takes
+  tunelab's C++ kernel first (`cpu_attention.py`, the same float32 arithmetic, a faster step);
+  this loop serves where that kernel does not apply or build.
 - `varlen_flash` (CUDA, bf16/fp16): torch's FlashAttention varlen kernel
-  (`torch.nn.attention.varlen.varlen_attn`, PyTorch >= 2.10), one launch for the whole row.
-  Measured on an H200 (BENCHMARKS.md): 8,501 real tokens/s against 1,515 for the per-example
-  loop, whose every call of a new length makes cuDNN build a new graph (~2 ms of CPU each).
+  (`torch.nn.attention.varlen.varlen_attn`, PyTorch >= 2.10), one launch for the whole row. On a
+  GPU it is several times the per-example loop's throughput, whose every call of a new length
+  makes cuDNN build a new graph (BENCHMARKS.md, the H200 section).
 - `masked_sdpa` (CUDA otherwise: float32 without autocast, or a PyTorch without varlen): one SDPA
-  call with the (N, N) block-diagonal causal mask; costs N^2 but is one launch (3,770 tokens/s).
+  call with the (N, N) block-diagonal causal mask; costs N^2 but is one launch, between the two
+  others in throughput (BENCHMARKS.md).
 
 The longest example and the mask are computed once per packed batch and reused by every layer
 (`_per_batch`): the longest length is the one host-device synchronisation of a forward pass.

@@ -48,7 +48,7 @@ def hidden_size(model: PreTrainedModel) -> int:
 def attach_head(model: PreTrainedModel, name: str, zero_init: bool = False) -> nn.Linear:
     """Add a trainable float32 Linear(H, 1) as `model.<name>`; N(0, 1/(H+1)) weights, or zeros."""
     if hasattr(model, name):
-        raise TunelabError(f"the model already has a {name}")
+        raise RuntimeError(f"the model already has a {name}; attach a head once, detach it before saving")
     size = hidden_size(model)
     head = nn.Linear(size, 1).to(device=next(model.parameters()).device, dtype=torch.float32)
     with torch.no_grad():
@@ -104,13 +104,6 @@ def save_reward_head(final_dir: Path, head: nn.Linear, template: str, method: st
         "base_model": base_model,
     }
     (final_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def is_reward_model(path: str | Path) -> bool:
-    """Does `path` (a run folder or its `final/`) hold a tunelab reward model?"""
-    from tunelab.trained import resolve_model_dir
-
-    return (resolve_model_dir(path) / CONFIG_FILE).is_file()
 
 
 @dataclass

@@ -64,13 +64,21 @@ def one_line(prompts: list, completions: list[str], **_) -> list[float]:
 # ------------------------------------------------------------------ loading
 
 
-def load_reward_function(spec: str) -> Callable:
-    """The callable named by `package.module:function` or `path/to/file.py:function`."""
+def split_reward_spec(spec: str) -> tuple[str, str]:
+    """(module or file, function name) of `package.module:function` or `path/to/file.py:function`;
+    ValueError for any other shape (the config turns it into a `ConfigError` naming the key)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise TunelabError(
-            f"reward function {spec!r}: write it as package.module:function or path/file.py:function"
+        raise ValueError(
+            f"reward function {spec!r} must look like package.module:function or path/file.py:function"
         )
+    return target, name
+
+
+def load_reward_function(spec: str) -> Callable:
+    """The callable named by `package.module:function` or `path/to/file.py:function` (its shape
+    was checked with the config; what cannot be found or imported is a `TunelabError`)."""
+    target, name = split_reward_spec(spec)
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
@@ -90,14 +98,12 @@ def load_reward_function(spec: str) -> Callable:
 
 
 def check_reward_spec(specs: list[str], weights: list[float] | None, reward_model: str | None) -> None:
-    """Config-time checks shared by PPO and GRPO (raise ValueError)."""
+    """Config-time checks shared by PPO and GRPO (raise ValueError, which the config reports as a
+    `ConfigError`)."""
     if not specs and not reward_model:
         raise ValueError("give reward_functions (package.module:function) and/or a reward_model")
     for spec in specs:
-        if ":" not in spec:
-            raise ValueError(
-                f"reward function {spec!r} must look like package.module:function or file.py:function"
-            )
+        split_reward_spec(spec)
     if weights is not None and len(weights) != len(specs):
         raise ValueError(f"reward_weights has {len(weights)} values for {len(specs)} reward_functions")
 
@@ -118,7 +124,7 @@ class Rewards:
         device: torch.device,
         dtype: str = "float32",
     ):
-        self.functions = [(spec.rpartition(":")[2], load_reward_function(spec)) for spec in specs]
+        self.functions = [(split_reward_spec(spec)[1], load_reward_function(spec)) for spec in specs]
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
         self.model = None
         if reward_model:

@@ -1,8 +1,9 @@
 """Rollouts: sample responses to a batch of prompts, and lay them out for scoring and training.
 
-Prompts are left-padded and sampled with `model.generate` (temperature tau, nucleus top-p, at most
-`max_new_tokens`, stopping at EOS; no top-k and no repetition penalty, whatever the model's
-generation config says, so the samples come from the tempered policy that PPO/GRPO score).
+Responses come from `tunelab.generation.generate` (left-padded prompts; a response ends at the first
+of the tokenizer's and the generation config's EOS ids), sampled at temperature tau within the
+nucleus top-p, at most `max_new_tokens`; no top-k and no repetition penalty, whatever the model's
+generation config says, so the samples come from the tempered policy that PPO/GRPO score.
 Each row of a rollout is
 
     [pad ... pad | prompt (P columns, left-padded) | response (R columns, right-padded)]
@@ -31,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from tunelab.data.collate import left_pad
+from tunelab.generation import generate
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Rollout:
     ended: torch.Tensor
     """(N,) bool: the response ends with EOS (else it was cut at max_new_tokens)."""
     completions: list[str]
-    """Decoded responses, special tokens removed."""
+    """Decoded responses (without the EOS, special tokens skipped)."""
     completion_ids: list[list[int]]
     """Response token ids (the EOS included when generated)."""
 
@@ -130,27 +131,6 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(dropped, float("-inf"))
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends a response: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids |= set(configured if isinstance(configured, list) else [configured])
-    return sorted(ids)
-
-
-def response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (N, R) float, ended (N,) bool): tokens up to and including the first EOS of each row."""
-    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))  # (N, R)
-    ended = is_eos.any(dim=1)  # (N,)
-    first = torch.where(
-        ended, is_eos.float().argmax(dim=1), torch.full_like(ended, tokens.shape[1] - 1, dtype=torch.long)
-    )
-    positions = torch.arange(tokens.shape[1], device=tokens.device)
-    return (positions[None, :] <= first[:, None]).float(), ended
-
-
-@torch.no_grad()
 def generate_rollouts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -164,51 +144,25 @@ def generate_rollouts(
 ) -> Rollout:
     """Sample (or, with `greedy`, decode greedily) one response per prompt; see the module docstring.
     `keys` (N,): keyed sampling, reproducible whatever the batch; None: `generate`'s own sampler."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id, eos_ids = tokenizer.pad_token_id, eos_token_ids(model, tokenizer)
-    padded = {k: v.to(device) for k, v in left_pad(prompts, pad_id).items()}  # (N, P)
-    width = padded["input_ids"].shape[1]
-    sampling = (
-        {"do_sample": False}
-        if greedy or keys is not None
-        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    )
-    pieces = []
-    step = batch_size or len(prompts)
-    for start in range(0, len(prompts), step):
-        if keys is not None and not greedy:
-            keyed = KeyedSampling(keys[start : start + step], width, temperature, top_p)
-            sampling["logits_processor"] = LogitsProcessorList([keyed])
-        out = model.generate(
-            input_ids=padded["input_ids"][start : start + step],
-            attention_mask=padded["attention_mask"][start : start + step],
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            repetition_penalty=1.0,
-            use_cache=True,
-            **sampling,
-        )
-        pieces.append(out[:, width:])
-    model.train(was_training)
-    length = max(p.shape[1] for p in pieces)
-    tokens = torch.cat(
-        [torch.nn.functional.pad(p, (0, length - p.shape[1]), value=pad_id) for p in pieces]
-    )  # (N, R)
-    mask, ended = response_mask(tokens, eos_ids)
-    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, pad_id))
-    completion_ids = [row[: int(n)].tolist() for row, n in zip(tokens, mask.sum(dim=1), strict=True)]
-    completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    options = {"repetition_penalty": 1.0, "use_cache": True}
+    if greedy or keys is not None:
+        options["do_sample"] = False
+    else:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+
+    def keyed(start: int, stop: int, width: int) -> KeyedSampling:
+        return KeyedSampling(keys[start:stop], width, temperature, top_p)
+
+    processor = keyed if keys is not None and not greedy else None
+    out = generate(model, tokenizer, prompts, max_new_tokens, batch_size, options, processor)
     return Rollout(
-        input_ids=torch.cat([padded["input_ids"], tokens], dim=1),
-        attention_mask=torch.cat([padded["attention_mask"], mask.long()], dim=1),
-        prompt_length=width,
-        response_mask=mask,
-        ended=ended,
-        completions=completions,
-        completion_ids=completion_ids,
+        input_ids=torch.cat([out.prompt_ids, out.tokens], dim=1),
+        attention_mask=torch.cat([out.prompt_mask, out.mask.long()], dim=1),
+        prompt_length=out.prompt_ids.shape[1],
+        response_mask=out.mask,
+        ended=out.ended,
+        completions=out.texts,
+        completion_ids=out.ids,
     )
 
 
