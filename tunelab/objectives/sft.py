@@ -42,19 +42,12 @@ def run(config: RunConfig) -> dict:
     run = setup_run(config)
     model = run.model
     data = prepare_data(config.data, run.tokenizer, seed=cfg.seed)
+    eval_count = len(data.eval.examples) if data.eval else 0
     details = f"format {data.format}, template {data.template}"
-    report_data(
-        run,
-        len(data.train.examples),
-        len(data.eval.examples) if data.eval else 0,
-        "examples",
-        details,
-        data.notes,
-    )
+    report_data(run, len(data.train.examples), eval_count, "examples", details, data.notes)
     if config.data.packing:
-        run.print(
-            f"[tunelab] packing: one padding-free row per micro-batch, {packed_attention(run)} attention"
-        )
+        attention = packed_attention(run)
+        run.print(f"[tunelab] packing: one padding-free row per micro-batch, {attention} attention")
     evaluate = partial(held_out_loss, run, data.eval.examples) if data.eval else None
     steps = total_steps(run, -(-len(data.train.examples) // run.global_batch))
     run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
