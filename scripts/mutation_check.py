@@ -1,0 +1,320 @@
+"""Do the tests guard tunelab's claims? Seed one small bug at a time and see the guarding tests fail.
+
+    .venv/bin/python scripts/mutation_check.py                # every mutation (about 15 minutes on 2 cores)
+    .venv/bin/python scripts/mutation_check.py --only dpo     # those whose name contains "dpo"
+    .venv/bin/python scripts/mutation_check.py --list
+
+Each mutation is a one-line change to a named function (the exact line and its replacement), with
+the tests that claim to guard it. For each, the working tree is copied to a scratch folder (the
+files git tracks or would track), the line is replaced there (it must occur exactly once), and the
+tests run in that copy. The mutation is *caught* when pytest reports failed tests (exit 1); a pass
+(exit 0) is *missed*; anything else (the tests cannot be collected, no test selected) is an
+*error*, which counts as not caught. Before the mutations, the same tests run on the unchanged copy
+and must pass. The last line is the summary: mutations, caught, missed, errors and the time taken.
+
+Not part of `make test` (too slow for it). Add a mutation with every new exactness claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    claim: str
+    """What the README or a docstring promises, that this bug breaks."""
+    path: str
+    """File, relative to the repository root."""
+    function: str
+    """The function the line is in (for the reader; the line itself locates the change)."""
+    original: str
+    """The exact line as it is (leading spaces included), found exactly once in the file."""
+    mutated: str
+    tests: tuple[str, ...]
+    """pytest node ids or files; with `-k`, give it as one item `-k EXPR` after the files."""
+
+
+MUTATIONS = [
+    # ------------------------------------------------------------------ packing
+    Mutation(
+        "packing-first-label",
+        "packed == unpacked: no loss across the boundary of two packed examples",
+        "tunelab/data/packing.py",
+        "pack_batch",
+        "        [label if j > 0 else IGNORE_INDEX for e in examples for j, label in enumerate(e.labels)]",
+        "        [label for e in examples for j, label in enumerate(e.labels)]",
+        ("tests/unit/test_packing.py",),
+    ),
+    Mutation(
+        "packed-attention-not-causal",
+        "packed == unpacked: attention is causal within each packed example",
+        "tunelab/kernels/packed_kernels.py",
+        "per_example_sdpa",
+        "                q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=True",
+        "                q, k, v, dropout_p=dropout, scale=scale, is_causal=False, enable_gqa=True",
+        ("tests/unit/test_packed_kernels.py", "tests/unit/test_cpu_attention.py"),
+    ),
+    # ------------------------------------------------------------------ the loop
+    Mutation(
+        "accumulation-per-micro-batch",
+        "batch 8 x accumulation 1 gives the same step as 1 x 8 (the loss is divided by the units of the whole step)",
+        "tunelab/training/loop.py",
+        "accumulated_step",
+        "            (loss_sum * run.dist.world_size / max(units, 1)).backward()",
+        "            (loss_sum * run.dist.world_size / max(batch.units, 1)).backward()",
+        (
+            "tests/recipes/test_sft.py::test_accumulation_invariance",
+            "tests/recipes/test_dpo.py::test_dpo_accumulation_invariance",
+        ),
+    ),
+    Mutation(
+        "resume-skips-optimizer-state",
+        "a resumed run's losses equal those of a run that never stopped",
+        "tunelab/training/checkpoint.py",
+        "load_checkpoint",
+        "    optimizer.load_state_dict(opt_state)",
+        "    pass",
+        ("tests/recipes/test_sft.py::test_resume_equals_no_stop",),
+    ),
+    Mutation(
+        "chunked-loss-drops-log-p-max",
+        "the chunked (fused) loss equals the plain cross-entropy over full logits",
+        "tunelab/losses/causal_lm.py",
+        "_FusedLinearCrossEntropy.forward",
+        "                total += (z_max - z_y - torch.log(g.amax(dim=-1))).sum()",
+        "                total += (z_max - z_y).sum()",
+        ("tests/unit/test_chunked_loss.py",),
+    ),
+    Mutation(
+        "chunked-loss-gradient",
+        "the chunked (fused) loss has the plain cross-entropy's gradients",
+        "tunelab/losses/causal_lm.py",
+        "_FusedLinearCrossEntropy.forward",
+        "                g[torch.arange(y.numel(), device=y.device), y] -= 1.0  # p - onehot(y)",
+        "                g[torch.arange(y.numel(), device=y.device), y] -= 0.5  # p - onehot(y)",
+        ("tests/unit/test_chunked_loss.py",),
+    ),
+    # ------------------------------------------------------------------ losses against TRL and by hand
+    Mutation(
+        "dpo-loss-beta-on-one-term",
+        "the DPO loss equals TRL's on the same tensors",
+        "tunelab/losses/dpo.py",
+        "dpo_loss",
+        "    logits = beta * (chosen_logratios - rejected_logratios)  # (B,)",
+        "    logits = beta * chosen_logratios - rejected_logratios  # (B,)",
+        ("tests/unit/test_losses_rlhf.py", "-k dpo"),
+    ),
+    Mutation(
+        "bradley-terry-margin-sign",
+        "the reward-model loss equals TRL's, margins included",
+        "tunelab/losses/reward.py",
+        "bradley_terry_loss",
+        "        difference = difference - margin",
+        "        difference = difference + margin",
+        ("tests/unit/test_losses_rlhf.py", "-k bradley_terry"),
+    ),
+    Mutation(
+        "ppo-clip-min-for-max",
+        "the PPO clipped policy loss equals TRL's",
+        "tunelab/losses/ppo.py",
+        "clipped_policy_loss",
+        "    return torch.max(unclipped, clipped), (clipped > unclipped).float()",
+        "    return torch.min(unclipped, clipped), (clipped > unclipped).float()",
+        ("tests/unit/test_losses_rlhf.py", "-k ppo_losses"),
+    ),
+    Mutation(
+        "kl-k3-without-minus-one",
+        "the k3 KL estimator equals TRL's GRPO and is exact in expectation",
+        "tunelab/losses/kl.py",
+        "kl_k3",
+        "    return torch.exp(log_ratio) - log_ratio - 1.0",
+        "    return torch.exp(log_ratio) - log_ratio",
+        ("tests/unit/test_losses_rlhf.py", "-k kl or k3 or grpo"),
+    ),
+    Mutation(
+        "gae-without-lambda",
+        "GAE advantages equal TRL's",
+        "tunelab/rl/advantages.py",
+        "gae",
+        "        running = delta + gamma * lam * running",
+        "        running = delta + gamma * running",
+        ("tests/unit/test_losses_rlhf.py", "-k gae"),
+    ),
+    Mutation(
+        "group-advantages-unscaled",
+        "GRPO group advantages equal TRL's",
+        "tunelab/rl/advantages.py",
+        "group_advantages",
+        "        advantages = advantages / (std + eps)",
+        "        advantages = advantages / (std + 1.0)",
+        ("tests/unit/test_losses_rlhf.py", "-k group_advantages"),
+    ),
+    # ------------------------------------------------------------------ objectives
+    Mutation(
+        "dpo-policy-chosen-rejected-swapped",
+        "DPO prefers the chosen response: policy and reference log-probs are paired the right way round",
+        "tunelab/objectives/dpo.py",
+        "pair_losses",
+        "    policy_chosen, policy_rejected = sequence_logprobs(model, batch).chunk(2)",
+        "    policy_rejected, policy_chosen = sequence_logprobs(model, batch).chunk(2)",
+        ("tests/recipes/test_dpo.py",),
+    ),
+    Mutation(
+        "grpo-groups-the-wrong-prompts",
+        "GRPO compares each completion with the other completions of its own prompt",
+        "tunelab/objectives/grpo.py",
+        "grpo_step",
+        "    prompts = [prompt for prompt in prompts for _ in range(group)]",
+        "    prompts = [prompt for _ in range(group) for prompt in prompts]",
+        ("tests/recipes/test_grpo.py",),
+    ),
+    # ------------------------------------------------------------------ methods
+    Mutation(
+        "lora-merge-without-scaling",
+        "a merged LoRA model computes what the unmerged one did",
+        "tunelab/methods/lora_layer.py",
+        "LoRALinear.delta_weight",
+        "        delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)",
+        "        delta = self.lora_B.weight @ self.lora_A.weight  # (out, in)",
+        ("tests/unit/test_method_contract.py", "tests/unit/test_lora.py", "-k merge"),
+    ),
+    Mutation(
+        "lora-saves-the-wrong-alpha",
+        "PEFT loads a tunelab LoRA adapter and computes the same logits",
+        "tunelab/methods/lora_io.py",
+        "peft_config",
+        '        "lora_alpha": alpha,',
+        '        "lora_alpha": alpha * 2,',
+        ("tests/unit/test_lora_peft_interop.py", "-k loads_in_peft"),
+    ),
+    Mutation(
+        "lora-reads-rslora-wrong",
+        "tunelab loads PEFT's LoRA adapters (rsLoRA included) and computes the same logits",
+        "tunelab/methods/lora.py",
+        "options_from_peft_config",
+        '        use_rslora=bool(config.get("use_rslora", False)),',
+        "        use_rslora=False,",
+        ("tests/unit/test_lora_peft_interop.py", "-k peft_adapter_loads_in_tunelab"),
+    ),
+    # ------------------------------------------------------------------ distributed
+    Mutation(
+        "ranks-average-not-sum",
+        "2 ranks x b take the step of 1 process x 2b",
+        "tunelab/training/loop.py",
+        "accumulated_step",
+        "            (loss_sum * run.dist.world_size / max(units, 1)).backward()",
+        "            (loss_sum / max(units, 1)).backward()",
+        (
+            "tests/distributed/test_distributed_training.py::test_two_ranks_equal_one_process_with_double_batch",
+        ),
+    ),
+]
+
+
+def scratch_copy(destination: Path) -> None:
+    """The files git tracks, or would track, copied as they are in the working tree."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def apply(copy: Path, mutation: Mutation) -> None:
+    path = copy / mutation.path
+    text = path.read_text()
+    lines = text.split("\n")
+    hits = [i for i, line in enumerate(lines) if line == mutation.original]
+    if len(hits) != 1:
+        raise SystemExit(f"{mutation.name}: the line occurs {len(hits)} times in {mutation.path}, not once")
+    lines[hits[0]] = mutation.mutated
+    path.write_text("\n".join(lines))
+
+
+def pytest_args(tests: tuple[str, ...]) -> list[str]:
+    args = []
+    for item in tests:
+        args += ["-k", item[3:]] if item.startswith("-k ") else [item]
+    return args
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], extensions: Path) -> tuple[int, float]:
+    """(pytest's exit code, seconds) of `tests` in the scratch copy."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(copy),
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_EXTENSIONS_DIR": str(extensions),  # a mutated C++ kernel never replaces the real build
+    }
+    started = time.perf_counter()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args(tests)]
+    code = subprocess.run(cmd, cwd=copy, env=env, capture_output=True).returncode
+    return code, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="run only the mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and their claims")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.only is None or args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36s} {m.path}:{m.function}  -- {m.claim}")
+        return 0
+    started = time.perf_counter()
+    caught = missed = errors = 0
+    with tempfile.TemporaryDirectory(prefix="tunelab-mutation-") as scratch:
+        scratch = Path(scratch)
+        baseline = scratch / "baseline"
+        scratch_copy(baseline)
+        every_test = tuple(dict.fromkeys(t for m in chosen for t in m.tests if not t.startswith("-k ")))
+        code, seconds = run_tests(baseline, every_test, scratch / "extensions-baseline")
+        print(
+            f"baseline: the guarding tests {'pass' if code == 0 else f'FAIL (exit {code})'} ({seconds:.0f} s)"
+        )
+        if code != 0:
+            return 2
+        for index, mutation in enumerate(chosen):
+            copy = scratch / f"m{index}"
+            shutil.copytree(baseline, copy)
+            apply(copy, mutation)
+            code, seconds = run_tests(copy, mutation.tests, scratch / f"extensions-{index}")
+            verdict = {0: "MISSED", 1: "caught"}.get(code, f"ERROR (pytest exit {code})")
+            caught += code == 1
+            missed += code == 0
+            errors += code not in (0, 1)
+            print(
+                f"{verdict:8s} {mutation.name:36s} {seconds:5.0f} s  {mutation.path}:{mutation.function}",
+                flush=True,
+            )
+            shutil.rmtree(copy)
+    total = time.perf_counter() - started
+    print(
+        f"mutation check: {len(chosen)} mutations, {caught} caught, {missed} missed, {errors} errors, "
+        f"{total / 60:.1f} min"
+    )
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
