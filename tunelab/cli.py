@@ -13,7 +13,7 @@ import os
 import sys
 
 from tunelab import __version__
-from tunelab.errors import TunelabError
+from tunelab.errors import Preempted, TunelabError
 
 COMMANDS = ["train", "eval", "generate", "demo", "merge", "inspect", "score"]
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except TunelabError as err:
         print(f"tunelab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"tunelab {args.command}: {stop}; continue with --resume", file=sys.stderr)
+        return Preempted.EXIT_STATUS
     except KeyboardInterrupt:
         print(f"tunelab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -20,3 +20,15 @@ class DataError(TunelabError):
         if field is not None:
             where += f", field {field!r}"
         super().__init__(f"{where}: {problem}")
+
+
+class Preempted(Exception):  # noqa: N818 (it is a way to stop, not a failure)
+    """The run was asked to stop (SIGTERM, SIGUSR1, a first Ctrl-C) and wrote a checkpoint at the end
+    of a step; `tunelab train CONFIG --resume` continues exactly there. The CLI exits with
+    `EXIT_STATUS`."""
+
+    EXIT_STATUS = 75  # EX_TEMPFAIL: try again (resume) later
+
+    def __init__(self, signal_name: str, step: int, checkpoint):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint}")

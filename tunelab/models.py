@@ -22,10 +22,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU; anything else is passed to `torch.device`."""
+    """`auto` picks CUDA when present, else CPU; anything else is checked: a device name torch does
+    not know, a CUDA device on a machine without CUDA or past its device count, is a `TunelabError`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TunelabError(
+            f"model.device={device!r} is not a device name (auto, cpu, cuda, cuda:N, mps)"
+        ) from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TunelabError(
+                f"model.device={device!r}, but this machine has no CUDA device; use auto or cpu"
+            )
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise TunelabError(
+                f"model.device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise TunelabError(f"model.device={device!r}, but MPS is not available here; use auto or cpu")
+    return chosen
 
 
 def _looks_like_local_path(name: str) -> bool:

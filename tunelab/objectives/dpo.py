@@ -32,7 +32,7 @@ from tunelab.objectives.pairs import held_out_pair_figures, load_pairs, pair_bat
 from tunelab.reference import Reference, reference_sequence_logprobs
 from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
-from tunelab.training.setup import before_and_after, finish, setup_run
+from tunelab.training.setup import before_and_after, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -78,12 +78,12 @@ def run(config: RunConfig) -> dict:
                 step, accumulated_step(run, optimizer, micro_batches, loss_fn), step * cfg.grad_accum
             )
 
-    # The end: held-out figures, `final/`, `summary.json`.
+    # The end: `final/` first, then the held-out figures and `summary.json`.
+    final = save_final(run)
     summary = {"steps": steps, "final_train_loss": loop.result().final_loss}
     if evaluate:
         summary.update(before_and_after(before, evaluate()))
-    reference.copy = None  # free the frozen copy before saving
-    return finish(run, summary)
+    return write_summary(run, summary, final)
 
 
 def pair_losses(model, reference: Reference, options: Options, batch: dict):

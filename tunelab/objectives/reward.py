@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,11 +77,13 @@ def run(config: RunConfig) -> dict:
                 step, accumulated_step(run, optimizer, micro_batches, loss_fn), step * cfg.grad_accum
             )
 
-    # The end: held-out figures, `final/` with the head beside the method's artifact, `summary.json`.
+    # The end: `final/` with the head beside the method's artifact first, then the held-out figures
+    # and `summary.json`.
+    final = save_with_head(run, head, data.template)
     summary = {"steps": steps, "final_train_loss": loop.result().final_loss}
     if evaluate:
         summary.update(before_and_after(before, evaluate()))
-    return save_with_head(run, head, data.template, summary)
+    return write_summary(run, summary, final)
 
 
 def rewards(model, head: nn.Linear, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,15 +114,17 @@ def reward_figures(model, head: nn.Linear, center: float, batch: dict) -> dict[s
     }
 
 
-def save_with_head(run: Run, head: nn.Linear, template: str, summary: dict) -> dict:
-    """Save `final/` (the method's artifact) with the reward head and `reward_model.json` beside it,
-    and write `summary.json`. Every rank calls it (FSDP gathers the head); rank 0 writes."""
+def save_with_head(run: Run, head: nn.Linear, template: str) -> Path:
+    """Save `final/` (the method's artifact) with the reward head and `reward_model.json` beside it;
+    returns its path. The head is taken off the model while the method saves it (a full model's
+    files must not hold it) and put back for the held-out evaluation. Every rank calls it (FSDP
+    gathers the head); rank 0 writes."""
     head_state = run.dist.full_state_dict(head)  # the tensors on rank 0
     detach_head(run.model, REWARD_HEAD)
     final = save_final(run)
+    run.model.add_module(REWARD_HEAD, head)
     if run.is_main:
         saved = nn.Linear(head.in_features, 1)
         saved.load_state_dict(head_state)
         save_reward_head(final, saved, template, run.config.method.name, run.config.model.name_or_path)
-    summary["final_dir"] = str(final)
-    return write_summary(run, summary)
+    return final

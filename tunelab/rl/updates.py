@@ -52,9 +52,10 @@ def policy_updates(
 ) -> dict[str, float]:
     """`passes` over `batch`, each in `num_mini_batches` shuffled mini-batches (one optimizer step
     each) of `micro_batches` micro-batches (see the module docstring). Returns each logged part
-    summed over ranks and averaged over the updates, and the mean gradient norm."""
+    summed over ranks and averaged over the updates, the mean gradient norm, and `skipped`: the
+    updates not applied (a gradient that is not finite; `tunelab.training.loop.apply_gradients`)."""
     totals: dict[str, float] = {}
-    grad_norm, updates = 0.0, 0
+    grad_norm, updates, skipped = 0.0, 0, 0
     for _ in range(passes):
         for rows in split(torch.randperm(batch.size), num_mini_batches):
             normaliser = batch.normaliser(rows)
@@ -63,10 +64,14 @@ def policy_updates(
                 with run.dist.grad_sync(index == len(chunks) - 1):
                     with run.autocast():
                         loss, parts = run.dist.forward(batch.loss, chunk, normaliser)
-                    (loss * run.dist.world_size).backward()  # ranks average gradients: x W gives their sum
+                    run.backward(loss * run.dist.world_size)  # ranks average gradients: x W gives their sum
                 for key, value in parts.items():
                     totals[key] = totals.get(key, 0.0) + value
-            grad_norm += apply_gradients(run, optimizer)
-            updates += 1
+            norm, applied = apply_gradients(run, optimizer)
+            grad_norm, updates, skipped = grad_norm + norm, updates + 1, skipped + (not applied)
     sums = dict(zip(totals, run.dist.sum(*totals.values()), strict=True))
-    return {**{key: value / updates for key, value in sums.items()}, "grad_norm": grad_norm / updates}
+    return {
+        **{key: value / updates for key, value in sums.items()},
+        "grad_norm": grad_norm / updates,
+        "skipped": skipped,
+    }

@@ -17,15 +17,19 @@ and rank 0 writes; `rng.safetensors` and `state.json` also hold every rank's RNG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tunelab.errors import TunelabError
 from tunelab.methods import trainable_parameters
 from tunelab.training.distributed import full_tensor, shard_like
 from tunelab.training.rng import restore_rng, rng_states
@@ -73,6 +77,20 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+@contextlib.contextmanager
+def written(tmp: Path, what: str, kept: str) -> Iterator[None]:
+    """Around writing `what` through the folder `tmp`: a failed write (no space, a file-size limit,
+    no permission, a vanished folder) removes `tmp` and becomes one `TunelabError` line naming the
+    path and the cause and saying what was `kept`; what existed before is never touched."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+        raise TunelabError(f"could not write {what}{where}: {cause}; {kept}") from error
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
@@ -98,24 +116,26 @@ def save_checkpoint(
     rng, rng_json = rng_states()
     if not is_main:
         return final
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(weights, tmp / "trainable.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    save_file(rng, tmp / "rng.safetensors")
-    state = {
-        "step": step,
-        "data_position": data_position,
-        **rng_json,
-        **(extra_state or {}),
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    (tmp / "config.yaml").write_text(config_yaml)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    previous = latest_checkpoint(output_dir)
+    with written(tmp, f"checkpoint {final}", f"the last checkpoint, {previous or 'none'}, is intact"):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(weights, tmp / "trainable.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        save_file(rng, tmp / "rng.safetensors")
+        state = {
+            "step": step,
+            "data_position": data_position,
+            **rng_json,
+            **(extra_state or {}),
+        }
+        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "config.yaml").write_text(config_yaml)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from tunelab.console import progress
+from tunelab.errors import Preempted, TunelabError
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.training.distributed import full_tensor
 from tunelab.training.metrics import MetricsLog, plot_loss
@@ -51,6 +55,9 @@ class MicroBatch:
     """What the loss is a sum over: target tokens (sft) or pairs (reward, dpo)."""
     tokens: int
     """Real (non-padding) tokens, for tokens/s."""
+    examples: list[int] = field(default_factory=list)
+    """Which training examples (indices into the training set) it holds, to name them when its
+    step is not finite."""
 
 
 LossFn = Callable[[dict], tuple[torch.Tensor, dict]]
@@ -84,26 +91,42 @@ def resume(run: Run, optimizer: torch.optim.Optimizer) -> int:
     if checkpoint is None:
         run.print(f"[tunelab] no checkpoint under {run.output_dir}/checkpoints: starting from scratch")
         return 0
-    step = load_checkpoint(checkpoint, run.model, optimizer)["step"]
-    run.print(f"[tunelab] resumed from {checkpoint} (step {step})")
-    return step
+    state = load_checkpoint(checkpoint, run.model, optimizer)
+    if run.scaler is not None and state.get("grad_scaler"):
+        run.scaler.load_state_dict(state["grad_scaler"])
+    run.print(f"[tunelab] resumed from {checkpoint} (step {state['step']})")
+    return state["step"]
 
 
-def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> float:
-    """Clip the global gradient norm (`train.max_grad_norm`), step, zero; returns the norm before
-    clipping (over every rank's shard under FSDP)."""
+def apply_gradients(run: Run, optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
+    """Clip the global gradient norm (`train.max_grad_norm`), step, zero. Returns (the norm before
+    clipping, over every rank's shard under FSDP; whether the step was applied).
+
+    A step whose gradient norm is not finite is not applied (the gradients are dropped). Under fp16
+    the gradients are first divided by the loss scale S (`Run.backward` multiplied by it); the
+    scaler then lowers S after such a step and raises it after `growth_interval` good ones."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, run.config.train.max_grad_norm or float("inf"))
-    optimizer.step()
+    if run.scaler is not None:
+        run.scaler.unscale_(optimizer)
+    norm = float(
+        full_tensor(torch.nn.utils.clip_grad_norm_(params, run.config.train.max_grad_norm or float("inf")))
+    )
+    finite = math.isfinite(norm)
+    if run.scaler is not None:
+        run.scaler.step(optimizer)  # skips the update itself when the gradients hold inf or NaN
+        run.scaler.update()
+    elif finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(full_tensor(norm))
+    return norm, finite
 
 
 def accumulated_step(
     run: Run, optimizer: torch.optim.Optimizer, micro_batches: list[MicroBatch], loss_fn: LossFn
 ) -> dict:
     """One optimizer step over `micro_batches` (see the module docstring). Returns the step's
-    figures: loss (per unit, global), grad_norm, tokens (global) and `loss_fn`'s extras per unit."""
+    figures: loss (per unit, global), grad_norm, tokens (global), `loss_fn`'s extras per unit, and
+    `skipped` (1 when the step was not applied, with `skipped_examples` naming this rank's examples)."""
     units, tokens = (
         int(v)
         for v in run.dist.sum(sum(b.units for b in micro_batches), sum(b.tokens for b in micro_batches))
@@ -114,24 +137,38 @@ def accumulated_step(
             with run.autocast():
                 loss_sum, extra = run.dist.forward(loss_fn, batch.tensors)
             # Ranks average gradients; x world_size turns that into their sum (distributed.py).
-            (loss_sum * run.dist.world_size / max(units, 1)).backward()
+            run.backward(loss_sum * run.dist.world_size / max(units, 1))
         loss_total += float(loss_sum.detach())
         for key, value in extra.items():
             extras[key] = extras.get(key, 0.0) + float(value)
     loss_total, *extra_sums = run.dist.sum(loss_total, *extras.values())
-    grad_norm = apply_gradients(run, optimizer)
-    return {
+    grad_norm, applied = apply_gradients(run, optimizer)
+    figures = {
         "loss": loss_total / max(units, 1),
         "grad_norm": grad_norm,
         "tokens": tokens,
         **{key: value / max(units, 1) for key, value in zip(extras, extra_sums, strict=True)},
+        "skipped": int(not applied),
     }
+    if not applied:
+        figures["skipped_examples"] = [i for batch in micro_batches for i in batch.examples]
+    return figures
 
 
 class StepLoop:
     """What every training loop does around its steps: set each step's learning rate; after each
-    step evaluate, log, update the progress bar and save a checkpoint on their intervals; on an
-    interrupt, say where to resume; at the end, plot the loss curve."""
+    step evaluate, log, update the progress bar and save a checkpoint on their intervals; stop a
+    run whose steps stay non-finite; on SIGTERM, SIGUSR1 or a first Ctrl-C, write a checkpoint at
+    the end of the step and stop (`Preempted`); at the end, plot the loss curve.
+
+    Non-finite steps: a step whose loss or gradient norm is NaN or inf is not applied
+    (`apply_gradients`) and is counted in `skipped_steps` of `metrics.jsonl`; after
+    `train.max_nonfinite_steps` of them in a row the run stops with a `TunelabError` naming the
+    step and its examples. Under fp16 the loss scaler's skipped overflows are counted too, but only
+    a loss that is not finite counts towards stopping (overflows are how the scaler finds its scale).
+    """
+
+    STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(
         self,
@@ -148,6 +185,8 @@ class StepLoop:
         self.metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)
         self.history: list[dict] = []
         self.tokens_seen, self.started = 0, time.perf_counter()
+        self.skipped_steps, self.nonfinite_in_a_row = 0, 0
+        self.stop_signal: str | None = None
         run.model.train()
         self.bar = progress(steps, desc, initial=start_step, enabled=cfg.progress)
 
@@ -158,11 +197,15 @@ class StepLoop:
             yield step
 
     def end_step(self, step: int, figures: dict, data_position: int) -> dict:
-        """After `step` with its `figures` (holding `loss`): add the step, learning rate and speed
-        (tokens/s where the figures count tokens, else seconds since the start), evaluate, log, keep
-        the row in the history, and save a checkpoint holding `data_position` when one is due.
-        Returns the row."""
+        """After `step` with its `figures` (holding `loss`, and `skipped`: updates not applied): add
+        the step, learning rate, speed (tokens/s where the figures count tokens, else seconds since
+        the start) and `skipped_steps`; evaluate, log, keep the row in the history; stop a run that
+        stays non-finite; save a checkpoint holding `data_position` when one is due or a stop was
+        asked for. Returns the row."""
         cfg, model = self.run.config.train, self.run.model
+        examples = figures.pop("skipped_examples", None)
+        skipped = figures.pop("skipped", 0)
+        self.skipped_steps += skipped
         row = {"step": step, **figures, "lr": self.optimizer.param_groups[0]["lr"]}
         elapsed = time.perf_counter() - self.started
         if "tokens" in figures:
@@ -170,6 +213,7 @@ class StepLoop:
             row["tokens_per_s"] = self.tokens_seen / max(elapsed, 1e-9)
         else:
             row["seconds"] = elapsed
+        row["skipped_steps"] = self.skipped_steps
         do_eval = (
             self.evaluate is not None
             and cfg.eval_every
@@ -179,23 +223,65 @@ class StepLoop:
             model.eval()
             row.update(self.evaluate())
             model.train()
-        if step % cfg.log_every == 0 or do_eval or step == self.steps:
+        if step % cfg.log_every == 0 or do_eval or step == self.steps or skipped:
             self.metrics.log(row)
             self.bar.set_postfix(**self._postfix(row))
         self.history.append(row)
         self.bar.update(1)
+        self._check_finite(step, row["loss"], skipped, examples)
+        saved = None
         if cfg.save_every and step % cfg.save_every == 0 and step != self.steps:
-            save_checkpoint(
-                self.run.output_dir,
-                step,
-                model,
-                self.optimizer,
-                data_position,
-                self.run.config_yaml,
-                cfg.keep_last,
-                is_main=self.run.is_main,
+            saved = self._save(step, data_position)
+        if self._stop_requested():
+            raise Preempted(
+                self.stop_signal or "a signal on another rank", step, saved or self._save(step, data_position)
             )
         return row
+
+    def _check_finite(self, step: int, loss: float, skipped: int, examples: list[int] | None) -> None:
+        """Count the non-finite steps in a row; past `train.max_nonfinite_steps`, stop the run."""
+        counts = not math.isfinite(loss) or (skipped and self.run.scaler is None)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if counts else 0
+        if counts:
+            self.run.print(f"[tunelab] step {step}: loss or gradient not finite; the step was not applied")
+        if self.nonfinite_in_a_row > self.run.config.train.max_nonfinite_steps:
+            first = step - self.nonfinite_in_a_row + 1
+            shown = f"; its examples (training-set indices) {examples[:16]}" if examples else ""
+            raise TunelabError(
+                f"steps {first}-{step} were not finite (loss {loss}){shown}; the last checkpoint, "
+                f"{latest_checkpoint(self.run.output_dir) or 'none'}, is intact "
+                "(train.max_nonfinite_steps sets how many such steps in a row are tolerated)"
+            )
+
+    def _save(self, step: int, data_position: int) -> Path:
+        extra = {"grad_scaler": self.run.scaler.state_dict()} if self.run.scaler is not None else None
+        return save_checkpoint(
+            self.run.output_dir,
+            step,
+            self.run.model,
+            self.optimizer,
+            data_position,
+            self.run.config_yaml,
+            self.run.config.train.keep_last,
+            extra_state=extra,
+            is_main=self.run.is_main,
+        )
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived, on any rank (every rank must stop after the same step)."""
+        asked = self.stop_signal is not None
+        if self.run.dist.world_size > 1:
+            asked = self.run.dist.sum(float(asked))[0] > 0
+        return asked
+
+    def _on_signal(self, number: int, frame) -> None:
+        if number == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.stop_signal = signal.Signals(number).name
+        self.run.print(
+            f"\n[tunelab] {self.stop_signal}: stopping after this step with a checkpoint"
+            + (" (Ctrl-C again to stop at once)" if number == signal.SIGINT else "")
+        )
 
     @staticmethod
     def _postfix(row: dict) -> dict[str, str]:
@@ -213,20 +299,28 @@ class StepLoop:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Around the steps: an interrupt closes the log, names the last checkpoint and re-raises;
-        a normal end closes the log and plots the loss curve."""
+        """Around the steps: the stop signals are caught (and given back afterwards); an interrupt
+        closes the log, names the last checkpoint and re-raises; a normal end closes the log and
+        plots the loss curve."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.STOP_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    previous[number] = signal.signal(number, self._on_signal)
         try:
             yield
         except KeyboardInterrupt:
-            self.bar.close()
             last = latest_checkpoint(self.run.output_dir)
             self.run.print(
                 f"\n[tunelab] interrupted; the last checkpoint is {last or 'none'}. "
                 "Continue with `train.resume=true`."
             )
-            self.metrics.close()
             raise
-        self.bar.close()
-        self.metrics.close()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            self.bar.close()
+            self.metrics.close()
         if self.run.is_main and self.history:
             plot_loss(self.run.output_dir)

@@ -24,6 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import get_method, parameter_report, trainable_parameters
 from tunelab.models import load_model, load_tokenizer, resolve_device
 from tunelab.training import distributed
+from tunelab.training.checkpoint import written
 from tunelab.training.distributed import Parallel
 
 
@@ -43,6 +44,9 @@ class Run:
     dist: Parallel = field(default_factory=Parallel)
     """This process's place in a torchrun launch and the collectives a loop needs (one process:
     identities); see `tunelab.training.distributed`."""
+    scaler: torch.amp.GradScaler | None = None
+    """Dynamic loss scaling for `train.precision: fp16` (float16 gradients underflow without it);
+    None for fp32 and bf16."""
 
     def autocast(self):
         """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32)."""
@@ -57,6 +61,12 @@ class Run:
         """Examples (pairs, prompts) of one micro-batch over all processes: `train.batch_size x
         processes`; each process takes its rows (tunelab/training/distributed.py)."""
         return self.config.train.batch_size * self.dist.world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, through the loss scaler under fp16: the loss is multiplied by the
+        current scale S, so that small float16 gradients do not flush to zero; the optimizer step
+        divides by S again (`tunelab.training.loop.apply_gradients`)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def print(self, text: str) -> None:
         """A progress note on the main process (`tunelab.console.note`)."""
@@ -132,17 +142,9 @@ def setup_run(config: RunConfig) -> Run:
     if is_main:
         (output_dir / "config.yaml").write_text(config_yaml)
     model, tokenizer, method = prepare_model(config, parallel.device)
-    run = Run(
-        config,
-        model,
-        tokenizer,
-        method,
-        next(model.parameters()).device,
-        output_dir,
-        config_yaml,
-        is_main,
-        parallel,
-    )
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
+    run = Run(config, model, tokenizer, method, device, output_dir, config_yaml, is_main, parallel, scaler)
     run.print(f"[tunelab] model {config.model.name_or_path} ({type(model).__name__}) on {run.device}")
     run.print(f"[tunelab] method {config.method.name}: {parameter_report(model)}")
     return run
@@ -173,15 +175,19 @@ def save_final(run: Run) -> Path:
     model = gathered_model(run) if run.dist.sharded else run.model
     if not run.is_main:
         return final
-    tmp = run.output_dir / "final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    run.method.save(model, run.config.method.options, tmp, run.config.model.name_or_path)
-    run.tokenizer.save_pretrained(tmp)
+    tmp, old = run.output_dir / "final.tmp", run.output_dir / "final.old"
+    with written(tmp, f"the final model {final}", "the checkpoints and any earlier final/ are intact"):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        run.method.save(model, run.config.method.options, tmp, run.config.model.name_or_path)
+        run.tokenizer.save_pretrained(tmp)
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
-        shutil.rmtree(final)
+        final.rename(old)  # an earlier final/ stays whole until the new one has its name
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -193,8 +199,11 @@ def report_data(run: Run, train: int, eval_: int, unit: str, details: str, notes
         run.print(f"[tunelab] data: {line}")
 
 
-def write_summary(run: Run, summary: dict) -> dict:
-    """Rank 0: write `OUTPUT_DIR/summary.json` and print the summary on one line. Returns it."""
+def write_summary(run: Run, summary: dict, final: Path) -> dict:
+    """Rank 0: add `final_dir` to `summary`, write `OUTPUT_DIR/summary.json` and print the summary on
+    one line. Returns it. Recipes save `final/` before their last evaluation, so that an evaluation
+    that fails never costs the trained model."""
+    summary = {**summary, "final_dir": str(final)}
     if run.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         run.print(
@@ -202,13 +211,6 @@ def write_summary(run: Run, summary: dict) -> dict:
             + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
         )
     return summary
-
-
-def finish(run: Run, summary: dict) -> dict:
-    """The end of every recipe: save `final/` (every rank; FSDP gathers), add its path to `summary`,
-    write `summary.json` (rank 0). Returns the summary."""
-    summary["final_dir"] = str(save_final(run))
-    return write_summary(run, summary)
 
 
 def before_and_after(before: dict, after: dict) -> dict:
