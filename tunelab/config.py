@@ -140,6 +140,11 @@ class TrainConfig:
     """Keep the last K checkpoints."""
     resume: bool = False
     """Continue from the latest checkpoint in `output_dir/checkpoints/` at the exact next batch."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is not finite (NaN, inf) is not applied; after this many
+    such steps in a row the run stops, naming the step and its examples (the last checkpoint is
+    kept). With `precision: fp16` the loss scaler skips gradient overflows itself: only a loss that
+    is not finite counts."""
     eval_batches: int | None = None
     """Evaluate on at most this many eval batches (unset: all)."""
     progress: bool = True
@@ -320,11 +325,18 @@ def _check_run(config: RunConfig, source: str) -> None:
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)"),
         (config.data.max_length >= 8, "data.max_length", "must be at least 8"),
         (config.train.keep_last >= 1, "train.keep_last", "must be at least 1"),
+        (config.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be at least 0"),
         (len(config.train.betas) == 2, "train.betas", "must hold two numbers"),
     ]
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"{key}: {problem} {where}".strip())
+    if config.data.packing and config.method.name == "prefix" and config.objective.name == "sft":
+        problem = (
+            "cannot be used with method.name: prefix (prefix tuning's prefix is a key/value cache "
+            "before the tokens, which packed attention cannot take); turn data.packing off"
+        )
+        raise ConfigError(f"data.packing: {problem} {where}".strip())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo, 127.0.0.1) against one: DDP and FSDP2, LoRA under FSDP2, resume.
+"""Two CPU processes (gloo, 127.0.0.1) against one: DDP and FSDP2, LoRA under FSDP2, packing under
+both, resume.
 
 One torchrun launch trains every distributed run of this module and runs the checks of
 tests/distributed/checks.py (tests/distributed/worker.py); the single-process references run in
@@ -24,6 +25,7 @@ from tunelab.training.metrics import read_metrics
 COMMON = ["train.max_steps=6", "train.save_every=3", "train.lr=3e-3"]
 LORA = {"name": "lora", "r": 4, "alpha": 8}
 EVAL = ["train.eval_every=3", "eval.num_examples=4", "eval.max_new_tokens=4"]
+PACKED = "data.packing=true"
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,9 @@ def runs(tiny_model_dirs, instruction_data, tmp_path_factory):
         "fsdp_lora_resumed": config(
             "fsdp_lora_resumed", *two, "train.strategy=fsdp", "train.resume=true", method=LORA
         ),
+        # Packed: each rank packs its 4 examples into one row (single_lora pads its 8).
+        "ddp_packed_lora": config("ddp_packed_lora", *two, "train.strategy=ddp", PACKED, method=LORA),
+        "fsdp_packed_lora": config("fsdp_packed_lora", *two, "train.strategy=fsdp", PACKED, method=LORA),
     }
     # GPT-2 keeps its dropout (0.1): its resume checks every rank's RNG state.
     gpt2 = ["train.batch_size=4", "train.strategy=ddp"]
@@ -94,6 +99,24 @@ def test_two_ranks_equal_one_process_with_double_batch(runs, strategy):
     assert_close_weights(
         load_file(multi / "final" / "model.safetensors"), load_file(single / "final" / "model.safetensors")
     )
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_packed_two_ranks_equal_one_padded_process_with_double_batch(runs, strategy):
+    """`data.packing` under DDP and FSDP2: 2 ranks, each packing its 4 examples into one row (on
+    CPU through the C++ attention kernel), take the steps of 1 process padding 8 examples: same
+    losses, gradient norms, token counts and LoRA weights."""
+    root, output, _ = runs
+    single, multi = root / "single_lora", root / f"{strategy}_packed_lora"
+    assert [r["step"] for r in read_metrics(multi)] == list(range(1, 7))
+    assert metric(multi, "loss") == pytest.approx(metric(single, "loss"), rel=1e-5)
+    assert metric(multi, "grad_norm") == pytest.approx(metric(single, "grad_norm"), rel=1e-4)
+    assert metric(multi, "tokens") == metric(single, "tokens")
+    assert_close_weights(
+        load_file(multi / "final" / "adapter_model.safetensors"),
+        load_file(single / "final" / "adapter_model.safetensors"),
+    )
+    assert output.count("[tunelab] packing: one padding-free row per micro-batch, tunelab_packed") == 2
 
 
 def test_fsdp_evaluation_matches_one_process(runs):

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
 from tests.helpers import rlhf_config
 from tunelab.data.collate import pad_batch
+from tunelab.data.preference import PairExample, pad_pairs
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.logprobs import sequence_logprobs
-from tunelab.methods import get_method
+from tunelab.methods import get_method, lora
+from tunelab.objectives.dpo import Options, dpo_loss_sum, pair_losses
 from tunelab.reference import Reference, reference_sequence_logprobs
 from tunelab.training.metrics import read_metrics
 
@@ -118,6 +121,65 @@ def test_sequence_logprobs_match_a_full_softmax(llama_dir):
             if batch["labels"][b, t] != -100:
                 expected[b] += logp[b, t - 1, batch["input_ids"][b, t]]
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _plain_completion_logprob(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """sum_t log p(completion_t | prompt, completion_<t) from one plain forward of the unpadded sequence."""
+    ids = torch.tensor([prompt + completion])
+    logp = model(ids).logits.log_softmax(-1)[0]  # (T, V)
+    return sum(logp[t - 1, ids[0, t]] for t in range(len(prompt), ids.shape[1]))
+
+
+def test_dpo_loss_is_the_formula_on_plain_forwards(llama_dir):
+    """`pair_losses` / `dpo_loss_sum` on a padded batch of pairs, with a policy (LoRA, B randomised)
+    away from the reference (the base model, loaded separately), equal the DPO formula written out
+    here on log-probs from plain forwards: Delta = (pi(c) - ref(c)) - (pi(r) - ref(r)),
+    L = -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta), for eps = 0 and eps = 0.25.
+    Swapping chosen and rejected anywhere turns Delta into -Delta; ignoring eps drops eps * beta * Delta."""
+    g = torch.Generator().manual_seed(7)
+
+    def tokens(n):
+        return torch.randint(10, 400, (n,), generator=g).tolist()
+
+    sides = [
+        (tokens(4), tokens(5), tokens(3)),
+        (tokens(6), tokens(2), tokens(7)),
+        (tokens(3), tokens(4), tokens(4)),
+    ]
+    pairs = [
+        PairExample(
+            TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
+        )
+        for p, c, r in sides
+    ]
+    reference_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    torch.manual_seed(1)  # A and B: the same policy whatever ran before
+    lora.apply(model, lora.Options(r=4, alpha=8, target_modules="all-linear"))
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    with torch.no_grad():
+        delta = torch.stack(
+            [
+                (_plain_completion_logprob(model, p, c) - _plain_completion_logprob(reference_model, p, c))
+                - (_plain_completion_logprob(model, p, r) - _plain_completion_logprob(reference_model, p, r))
+                for p, c, r in sides
+            ]
+        )  # (P,)
+    beta = 1.0
+    assert (beta * delta).abs().min() > 0.05  # far enough from 0 to tell Delta from -Delta, eps from 0
+    batch = pad_pairs(pairs, pad_id=0)
+    for eps in (0.0, 0.25):
+        expected = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+        options = Options(beta=beta, label_smoothing=eps)
+        with torch.no_grad():
+            losses, chosen, rejected = pair_losses(model, Reference(model, lora), options, batch)
+            total, extras = dpo_loss_sum(model, Reference(model, lora), options, batch)
+        torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(chosen - rejected, beta * delta, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(total, expected.sum(), rtol=1e-4, atol=1e-5)
+        assert float(extras["reward_margin"]) == pytest.approx(float(beta * delta.sum()), abs=1e-4)
+        assert float(extras["reward_accuracy"]) == float((delta > 0).sum())
 
 
 @pytest.mark.parametrize(

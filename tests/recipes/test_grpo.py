@@ -7,12 +7,16 @@ The reward, "short and ends with EOS" (see test_ppo.py), is learnable in a few s
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
 import tunelab
+import tunelab.objectives.grpo as grpo_recipe
 from tests.helpers import rlhf_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.rl.rewards import exact_answer, load_reward_function, one_line
@@ -91,6 +95,84 @@ def test_weighted_reward_functions_and_every_option(llama_dir, tmp_path):
         assert row["reward"] == pytest.approx(combined, abs=1e-5)
         assert math.isfinite(row["loss"])
     assert any(r["clip_frac"] > 0 for r in rows)
+
+
+LEVELS = {"Name a colour.": 0, "Count to three.": 1, "Spell the word cat.": 2, "Say hello twice.": 3}
+BY_PROMPT = """import json
+
+LEVELS = {levels!r}
+
+
+def by_prompt(prompts, completions, completion_ids, level, **_):
+    \"\"\"10 x the prompt's level (read from the prompt text) + a function of the completion; logs its inputs.\"\"\"
+    with open({log!r}, "a") as log:
+        log.write(json.dumps({{"prompts": prompts, "completion_ids": completion_ids, "level": level}}) + "\\n")
+    return [10.0 * LEVELS[p] + sum(ids) % 7 for p, ids in zip(prompts, completion_ids, strict=True)]
+"""
+
+
+def test_completions_are_scored_and_grouped_with_their_own_prompt(llama_dir, tmp_path, monkeypatch):
+    """A reward that depends on the prompt: each completion is generated from, and scored against,
+    the same prompt (with that prompt's columns); the G completions of a group share one prompt;
+    the advantages and the logged reward_std are those of the scores within each prompt's group."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "level": k}) + "\n" for p, k in LEVELS.items()))
+    log = tmp_path / "rewards.jsonl"
+    reward_file = tmp_path / "by_prompt.py"
+    reward_file.write_text(BY_PROMPT.format(levels=LEVELS, log=str(log)))
+    batches = []
+    real_updates = grpo_recipe.policy_updates
+
+    def keep_batch(run, optimizer, batch, *rest):
+        batches.append(batch)
+        return real_updates(run, optimizer, batch, *rest)
+
+    monkeypatch.setattr(grpo_recipe, "policy_updates", keep_batch)
+    group = 4
+    config = grpo_config(
+        llama_dir,
+        tmp_path / "run",
+        "train.max_steps=1",
+        "train.batch_size=4",
+        f"data.train={prompts}",
+        reward_functions=[f"{reward_file}:by_prompt"],
+        num_generations=group,
+        max_new_tokens=6,
+    )
+    tunelab.train(config)
+
+    (call,) = [json.loads(line) for line in log.read_text().splitlines()]
+    (batch,) = batches
+    rollout, tokenizer = batch.rollout, AutoTokenizer.from_pretrained(llama_dir)
+    assert len(call["prompts"]) == batch.size == len(LEVELS) * group
+    for row, (prompt, level) in enumerate(zip(call["prompts"], call["level"], strict=True)):
+        assert level == LEVELS[prompt]  # the prompt's own columns
+        prompt_part = rollout.input_ids[row, : rollout.prompt_length][
+            rollout.attention_mask[row, : rollout.prompt_length].bool()
+        ]
+        assert prompt in tokenizer.decode(prompt_part)  # generated from the prompt it is scored with
+        assert call["completion_ids"][row] == rollout.completion_ids[row]
+    groups = [call["prompts"][g * group : (g + 1) * group] for g in range(len(LEVELS))]
+    assert all(len(set(members)) == 1 for members in groups)  # a group is one prompt's completions
+    assert sorted(members[0] for members in groups) == sorted(LEVELS)
+    # Advantages by hand, within each prompt's completions (found by prompt, not by position).
+    scores = torch.tensor(
+        [
+            10.0 * LEVELS[p] + sum(ids) % 7
+            for p, ids in zip(call["prompts"], call["completion_ids"], strict=True)
+        ]
+    )
+    expected, stds = torch.zeros(len(scores)), []
+    for prompt in LEVELS:
+        rows = torch.tensor([i for i, p in enumerate(call["prompts"]) if p == prompt])
+        mean, std = scores[rows].mean(), scores[rows].std()
+        expected[rows] = (scores[rows] - mean) / (std + 1e-4)
+        stds.append(float(std))
+    assert min(stds) > 0  # every group has something to compare
+    torch.testing.assert_close(batch.advantages.cpu(), expected)
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["reward"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    assert row["reward_std"] == pytest.approx(sum(stds) / len(stds), abs=1e-5)  # std within groups
 
 
 @pytest.mark.parametrize(

@@ -96,7 +96,7 @@ def test_resume_equals_no_stop(tiny_model_dirs, instruction_data, tmp_path):
     straight = losses(tmp_path / "full")
     # The same run, stopped after step 5 (checkpoint at 4), then resumed.
     with pytest.raises(KeyboardInterrupt):
-        _interrupt_after(5, sft_config(model_dir, train_file, tmp_path / "cut", *common))
+        interrupt_after(5, sft_config(model_dir, train_file, tmp_path / "cut", *common))
     assert (tmp_path / "cut" / "checkpoints" / "step-4").is_dir()
     tunelab.train(sft_config(model_dir, train_file, tmp_path / "cut", *common, "train.resume=true"))
     resumed = losses(tmp_path / "cut")
@@ -106,7 +106,24 @@ def test_resume_equals_no_stop(tiny_model_dirs, instruction_data, tmp_path):
     assert state["step"] == 4 and state["data_position"] == 4
 
 
-def _interrupt_after(step: int, config):
+def test_resume_with_dropout_draws_the_same_masks(tiny_model_dirs, instruction_data, tmp_path):
+    """LoRA dropout draws random numbers every step: a run resumed from its step-2 checkpoint logs
+    the losses of the run that never stopped only if the checkpoint's RNG state is restored (a
+    resumed process starts from the seed and would draw other masks)."""
+    model_dir, train_file = tiny_model_dirs["llama"], instruction_data[0]
+    method = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear", "dropout": 0.5}
+    common = ["train.max_steps=4", "train.save_every=2", "train.batch_size=4"]
+    tunelab.train(sft_config(model_dir, train_file, tmp_path / "full", *common, method=method))
+    straight = losses(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        interrupt_after(3, sft_config(model_dir, train_file, tmp_path / "cut", *common, method=method))
+    resumed = ["train.resume=true", *common]
+    tunelab.train(sft_config(model_dir, train_file, tmp_path / "cut", *resumed, method=method))
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4]
+    assert losses(tmp_path / "cut") == pytest.approx(straight, rel=1e-6)
+
+
+def interrupt_after(step: int, config):
     """Run `config` and raise KeyboardInterrupt once `step` metrics rows exist."""
     from tunelab.training import loop
 

@@ -84,3 +84,57 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         missing = [f for f in cls.__dataclass_fields__ if f not in docs]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_prefix_tuning_with_packing_is_refused_when_the_config_loads(tmp_path):
+    """Prefix tuning's prefix is a key/value cache packed attention cannot take: SFT with both is a
+    ConfigError naming both keys (and the file) before any model loads ("m" is no model)."""
+    path = write(tmp_path, "model: {name_or_path: m}\nmethod: {name: prefix}\ndata: {packing: true}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "data.packing" in message and "method.name: prefix" in message and str(path) in message
+    assert load_config(path, ["data.packing=false"]).method.name == "prefix"
+    # The preference and RL objectives pad (and say that packing is ignored).
+    assert load_config(path, ["objective.name=dpo"]).data.packing
+
+
+RLHF = ROOT / "data" / "rlhf"
+
+
+@pytest.mark.parametrize(
+    ("objective", "train_file", "says"),
+    [
+        ({"name": "dpo"}, "preference_train.jsonl", "ignored by objective dpo; pairs are padded"),
+        ({"name": "reward"}, "preference_train.jsonl", "ignored by objective reward; pairs are padded"),
+        (
+            {"name": "grpo", "reward_functions": ["tunelab.rl.rewards:one_line"]},
+            "prompts_train.jsonl",
+            "ignored by objective grpo; rollouts are padded",
+        ),
+    ],
+    ids=["dpo", "reward", "grpo"],
+)
+def test_packing_ignored_by_an_objective_says_so(llama_dir, tmp_path, capsys, objective, train_file, says):
+    """`data.packing` does nothing for the objectives that pad pairs or rollouts: their set-up says
+    so in one line (and says nothing without it)."""
+    from tunelab.objectives.pairs import load_pairs
+    from tunelab.rl.online import OnlineRun
+    from tunelab.training.setup import setup_run
+
+    for packing in (True, False):
+        config = load_config(
+            None,
+            [f"data.packing={str(packing).lower()}"],
+            model={"name_or_path": str(llama_dir)},
+            objective=objective,
+            data={"train": str(RLHF / train_file), "template": "alpaca"},
+            train={"progress": False},
+            output_dir=str(tmp_path / str(packing)),
+        )
+        if objective["name"] == "grpo":
+            OnlineRun.setup(config, answer="completion")
+        else:
+            load_pairs(setup_run(config))
+        said = capsys.readouterr().out
+        assert said.count(f"[tunelab] data.packing: true is {says}") == packing, said

@@ -1,6 +1,8 @@
 """tunelab's C++ CPU attention kernel against PyTorch's SDPA in float64, per example: outputs and the
 gradients of q, k and v, over head dims, grouped-query ratios and example lengths around the
-kernel's blocks (8 query rows, 32 keys); and the training run it serves."""
+kernel's blocks (8 query rows, 32 keys), with scores spread over thousands (far below its exp's
+clamp at -87) and on several threads (conftest sets one); its offsets checked against the row;
+and the training run it serves."""
 
 from __future__ import annotations
 
@@ -24,18 +26,19 @@ pytestmark = pytest.mark.skipif(
 LENGTHS = (1, 7, 8, 9, 31, 32, 33, 70)
 
 
-def packed(heads, kv_heads, dim, lengths=LENGTHS, dtype=torch.float32, seed=0):
+def packed(heads, kv_heads, dim, lengths=LENGTHS, dtype=torch.float32, seed=0, qk_std=2.0):
     """query (1, H, N, D), key/value (1, Hkv, N, D) as transformers passes them (views of (1, N, h, D)
-    layouts), offsets (B + 1,) int32, and an output gradient (1, N, H, D)."""
+    layouts), offsets (B + 1,) int32, and an output gradient (1, N, H, D). Entries are normal with
+    std 2 (`qk_std` for query and key: the scores' spread grows as its square)."""
     g = torch.Generator().manual_seed(seed)
     n = sum(lengths)
 
-    def make(h):
-        return (2 * torch.randn(1, n, h, dim, generator=g)).to(dtype).transpose(1, 2).requires_grad_()
+    def make(h, std=2.0):
+        return (std * torch.randn(1, n, h, dim, generator=g)).to(dtype).transpose(1, 2).requires_grad_()
 
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
     grad = torch.randn(1, n, heads, dim, generator=g).to(dtype)
-    return make(heads), make(kv_heads), make(kv_heads), cu, grad
+    return make(heads, qk_std), make(kv_heads, qk_std), make(kv_heads), cu, grad
 
 
 def reference(query, key, value, cu, grad, scale):
@@ -76,6 +79,115 @@ def test_bf16_inputs_come_back_in_bf16_and_close():
     torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=2e-2)
     for got, expected in zip((query.grad, key.grad, value.grad), want_grads, strict=True):
         torch.testing.assert_close(got.double(), expected, atol=6e-2, rtol=3e-2)
+
+
+@pytest.fixture
+def threads():
+    """`threads(n)` sets torch's (and so the kernel's) thread count for the test; restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def forward_backward(query, key, value, cu, grad, scale):
+    """The kernel's output and the gradients of q, k, v (fresh leaves: callable several times)."""
+    q, k, v = (t.detach().requires_grad_() for t in (query, key, value))
+    out = cpu_attention.packed_native(q, k, v, cu, scale)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
+def causal_score_spread(query, key, cu, scale) -> float:
+    """The largest max - min of the scores a query sees (its example's keys up to itself)."""
+    q, k = (
+        query[0].detach().double(),
+        key[0].detach().double().repeat_interleave(query.shape[1] // key.shape[1], 0),
+    )
+    bounds = cu.tolist()
+    spread = 0.0
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        s = scale * q[:, a:b] @ k[:, a:b].transpose(1, 2)  # (H, T, T)
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        high = s.masked_fill(~causal, -torch.inf).amax(-1)
+        low = s.masked_fill(~causal, torch.inf).amin(-1)
+        spread = max(spread, float((high - low).max()))
+    return spread
+
+
+def assert_close_in_norm(got, expected, rel):
+    """||got - expected|| <= rel ||expected||, and every value finite."""
+    assert torch.isfinite(got).all()
+    assert torch.linalg.norm(got.double() - expected) <= rel * torch.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_scores_spread_over_thousands_match_sdpa(threads, count):
+    """Query and key entries of std 40: the scores a query sees spread over thousands (the softmax
+    is nearly one-hot and exp(s - max) underflows far below the kernel's clamp at -87, where its
+    exp would otherwise wrap into the sign and exponent bits), still finite in float32. The
+    output and gradients match float64 SDPA per example, on one thread and on two."""
+    threads(count)
+    query, key, value, cu, grad = packed(4, 2, 64, seed=7, qk_std=40.0)
+    scale = 64**-0.5
+    assert 3000 < causal_score_spread(query, key, cu, scale) < 1e5
+    out, grads = forward_backward(query, key, value, cu, grad, scale)
+    want, want_grads = reference(query, key, value, cu, grad, scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=1e-3, rtol=1e-3)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert_close_in_norm(got, expected, rel=1e-3)
+
+
+def test_several_threads_give_the_one_thread_result(threads):
+    """The kernel's tasks (example, key/value head) go to torch's threads: on 2 and 3 threads
+    (conftest runs everything else on one) forward and backward give bit for bit what one thread
+    gives, and match SDPA."""
+    query, key, value, cu, grad = packed(8, 2, 32, lengths=LENGTHS * 3, seed=11)
+    scale = 0.7 / 32**0.5
+    threads(1)
+    one, one_grads = forward_backward(query, key, value, cu, grad, scale)
+    for count in (2, 3):
+        threads(count)
+        out, grads = forward_backward(query, key, value, cu, grad, scale)
+        assert torch.equal(out, one), count
+        assert all(torch.equal(a, b) for a, b in zip(grads, one_grads, strict=True)), count
+    want, want_grads = reference(query, key, value, cu, grad, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+N = sum(LENGTHS)
+
+
+@pytest.mark.parametrize(
+    ("offsets", "problem"),
+    [
+        (torch.tensor([0.0, 100.0, N]), "int32"),
+        (torch.tensor([[0, 100, N]], dtype=torch.int32), "1-D"),
+        (torch.tensor([0], dtype=torch.int32), "1-D"),
+        (torch.tensor([1, 100, N], dtype=torch.int32), f"from 0 to the sequence length {N}"),
+        (torch.tensor([0, 100, 90, N], dtype=torch.int32), "non-decreasing"),
+        (torch.tensor([0, 100, N - 1], dtype=torch.int32), f"sequence length {N}"),
+        (torch.tensor([0, 100, N + 1], dtype=torch.int32), f"sequence length {N}"),
+    ],
+    ids=["float", "2-D", "no-example", "not-from-0", "decreasing", "short", "beyond-the-row"],
+)
+def test_offsets_are_checked_against_the_sequence_length(offsets, problem):
+    """Offsets the kernel would read outside the row with (or leave rows unwritten) are refused
+    before it runs, with the sequence length in the message."""
+    query, key, value, _, _ = packed(4, 2, 16)
+    with pytest.raises(ValueError, match=problem):
+        cpu_attention.packed_native(query, key, value, offsets, None)
+
+
+def test_int64_offsets_are_taken_too():
+    query, key, value, cu, _ = packed(4, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(
+            cpu_attention.packed_native(query, key, value, cu.long(), None),
+            cpu_attention.packed_native(query, key, value, cu, None),
+        )
 
 
 def test_packed_attention_takes_the_kernel_where_it_applies():

@@ -280,7 +280,8 @@ def test_adapter_files_use_peft_names(tiny_model_dirs, tmp_path):
     assert not any(".default" in k or "base_layer" in k for k in keys)
     assert len(keys) == 2 * len(lora.lora_layers(model)) + 1
 
-    peft = pytest.importorskip("peft")
+    import peft
+
     loaded = peft.LoraConfig.from_pretrained(tmp_path)
     assert loaded.r == 4 and loaded.lora_alpha == 8 and loaded.fan_in_fan_out
 
@@ -390,7 +391,8 @@ def test_inspect_llama_2_7b_on_the_meta_device(tmp_path):
     assert "model.layers.*.self_attn.q_proj  x32  LoRALinear(Linear(4096 -> 4096), r=8" in text
     assert "model.layers.*.self_attn.v_proj.lora_B.weight  x32  (4096, 8)  = 1,048,576" in text
 
-    peft = pytest.importorskip("peft")
+    import peft
+
     model = inspection.build_meta_model(str(config_dir))
     peft_model = peft.get_peft_model(
         model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

@@ -14,14 +14,13 @@ import functools
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from tunelab.methods import lora
 from tunelab.trained import load_trained
-
-peft = pytest.importorskip("peft")
 
 CASES = [
     # (arch, target_modules, modules_to_save, use_rslora)

@@ -10,13 +10,16 @@ policy and value losses) are compared with TRL's formulas copied from its last P
 
 from __future__ import annotations
 
+import inspect
 import math
+import textwrap
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from trl.trainer import utils as trl_utils
 
 from tunelab.losses.dpo import dpo_loss
 from tunelab.losses.grpo import aggregate_loss, grpo_per_token_loss
@@ -24,9 +27,6 @@ from tunelab.losses.kl import kl_k1, kl_k2, kl_k3, per_token_kl
 from tunelab.losses.ppo import clipped_policy_loss, clipped_value_loss
 from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
 from tunelab.rl.advantages import gae, group_advantages, masked_mean, masked_whiten, token_rewards
-
-trl_utils = pytest.importorskip("trl.trainer.utils")
-
 
 # ------------------------------------------------------------------ stand-ins for TRL's trainer `self`
 
@@ -319,12 +319,39 @@ def test_kl_estimators_are_exact_in_expectation():
     assert (p * kl_k2(logp, ref)).sum().item() == pytest.approx(kl.item(), rel=0.1)
 
 
+def trl_rloo_kl_penalty(old, ref, mask, rewards, beta):
+    """TRL's `RLOOTrainer` KL penalty, run from TRL's own source: the lines of
+    `_generate_and_score_completions` from `per_token_kl = ...` to `rewards = rewards - self.beta * kl`
+    (in TRL 1.16: per_token_kl = old - ref (k1), summed over the completion, subtracted from the
+    rewards), executed on our tensors. Returns (per_token_kl, penalised rewards)."""
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    lines = inspect.getsource(RLOOTrainer._generate_and_score_completions).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("per_token_kl = "))
+    end = next(
+        i for i in range(start, len(lines)) if lines[i].strip() == "rewards = rewards - self.beta * kl"
+    )
+    namespace = {
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "completion_mask": mask,
+        "rewards": rewards,
+        "gather": lambda x: x,  # one process
+        "self": SimpleNamespace(beta=beta),
+    }
+    exec(textwrap.dedent("\n".join(lines[start : end + 1])), namespace)
+    return namespace["per_token_kl"], namespace["rewards"]
+
+
 def test_k3_matches_trl_grpo_and_k1_matches_trl_rloo():
     _, mask, logps, old, ref = random_batch(5)
     _, logged = trl_grpo_loss(logps, logps, ref, torch.zeros(len(logps)), mask, "grpo", 0.04, 0.2, 0.2)
     assert masked_mean(kl_k3(logps, ref), mask).item() == pytest.approx(logged["kl"][0], abs=1e-6)
-    # TRL 1.16 RLOOTrainer: per_token_kl = old_per_token_logps - ref_per_token_logps
-    assert torch.equal(kl_k1(old, ref), old - ref)
+    # TRL 1.16 RLOOTrainer's own lines: k1 per token, summed over the completion into the penalty.
+    scores = torch.randn(len(old), generator=torch.Generator().manual_seed(8))
+    trl_kl, trl_rewards = trl_rloo_kl_penalty(old, ref, mask, scores.clone(), 0.05)
+    torch.testing.assert_close(kl_k1(old, ref) * mask, trl_kl * mask)
+    torch.testing.assert_close(scores - 0.05 * (per_token_kl(old, ref, "k1") * mask).sum(-1), trl_rewards)
 
 
 # ------------------------------------------------------------------ PPO: whitening, rewards, GAE, losses

@@ -3,6 +3,8 @@ the padded batch, on every tiny architecture, and attention never crosses exampl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -19,13 +21,15 @@ from tunelab.tiny import ARCHITECTURES
 from tunelab.training.metrics import read_metrics
 
 
-def examples(vocab: int, lengths=(9, 23, 4, 15), seed: int = 0) -> list[TokenizedExample]:
-    """Random examples; the first 3 tokens of each are prompt (label -100)."""
+def examples(vocab: int, lengths=(9, 23, 4, 15), seed: int = 0, prompt: int = 3) -> list[TokenizedExample]:
+    """Random examples; the first `prompt` tokens of each are prompt (label -100). With `prompt=0`
+    every token has its label, the first one included (as text data has), so only `pack_batch`'s
+    masking keeps the last token of one example from predicting the first of the next."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in lengths:
         ids = torch.randint(10, vocab, (n,), generator=g).tolist()
-        out.append(TokenizedExample(ids, [IGNORE_INDEX] * min(3, n) + ids[3:]))
+        out.append(TokenizedExample(ids, [IGNORE_INDEX] * min(prompt, n) + ids[prompt:]))
     return out
 
 
@@ -63,6 +67,22 @@ def test_pack_batch_fields():
     }
 
 
+def test_pack_batch_masks_the_first_label_of_every_example():
+    """Every token labelled: the packed labels are the examples' own except at each offset c_i,
+    where -100 stops the last token of example i from predicting the first of example i + 1."""
+    full = examples(100, lengths=(3, 5, 2, 1, 4), prompt=0)
+    batch = pack_batch(full)
+    labels, starts = batch["labels"][0].tolist(), batch["cu_seq_lens_q"][:-1].tolist()
+    assert starts == [0, 3, 8, 10, 11]
+    assert all(labels[c] == IGNORE_INDEX for c in starts)
+    own = [label for e in full for label in e.labels]
+    assert [y for i, y in enumerate(labels) if i not in starts] == [
+        y for i, y in enumerate(own) if i not in starts
+    ]
+    assert IGNORE_INDEX not in own  # so every -100 above is pack_batch's
+    assert count_targets(batch["labels"]) == sum(e.num_targets for e in full) == 10
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_packed_logits_and_losses_equal_padded(tiny_model_dirs, arch):
     padded_model, packed_model = load(tiny_model_dirs[arch], False), load(tiny_model_dirs[arch], True)
@@ -78,15 +98,20 @@ def test_packed_logits_and_losses_equal_padded(tiny_model_dirs, arch):
             logits_packed[0, start : start + n], logits_padded[row, :n], atol=2e-5, rtol=1e-4
         )
         start += n
-    for chunked in (True, False):
-        loss_padded = model_lm_loss_sum(padded_model, padded, chunk_size=7, chunked=chunked)
-        loss_packed = model_lm_loss_sum(packed_model, packed, chunk_size=7, chunked=chunked)
-        torch.testing.assert_close(loss_packed, loss_padded, atol=1e-4, rtol=1e-5)
+    # Prompt-masked examples, and examples labelled from their first token (text data): the
+    # packed loss counts no prediction across a boundary, so it equals the padded one.
+    for labelled in (exs, examples(padded_model.config.vocab_size, prompt=0)):
+        padded, packed = pad_batch(labelled, 0), pack_batch(labelled)
+        for chunked in (True, False):
+            loss_padded = model_lm_loss_sum(padded_model, padded, chunk_size=7, chunked=chunked)
+            loss_packed = model_lm_loss_sum(packed_model, packed, chunk_size=7, chunked=chunked)
+            torch.testing.assert_close(loss_packed, loss_padded, atol=1e-4, rtol=1e-5)
 
 
 def test_packed_gradients_equal_padded(llama_dir):
+    """Every token labelled (the first one too): the gradients equal the padded batch's."""
     padded_model, packed_model = load(llama_dir, False), load(llama_dir, True)
-    exs = examples(padded_model.config.vocab_size)
+    exs = examples(padded_model.config.vocab_size, prompt=0)
     model_lm_loss_sum(padded_model, pad_batch(exs, 0)).backward()
     model_lm_loss_sum(packed_model, pack_batch(exs)).backward()
     for (name, a), (_, b) in zip(
@@ -134,9 +159,19 @@ def test_unsupported_attention_is_an_error(llama_dir):
         use_packed_attention(model)
 
 
-def test_packed_training_takes_the_same_steps(tiny_model_dirs, instruction_data, tmp_path):
-    """SFT with data.packing=true trains on the same micro-batches, so its losses match."""
+@pytest.mark.parametrize("data", ["instruction", "text"])
+def test_packed_training_takes_the_same_steps(tiny_model_dirs, instruction_data, tmp_path, data):
+    """SFT with data.packing=true trains on the same micro-batches, so its losses match: on
+    instruction data (prompts masked) and on text data (every token a target)."""
     model_dir, train_file = tiny_model_dirs["llama"], instruction_data[0]
+    if data == "text":
+        records = [json.loads(line) for line in train_file.read_text().splitlines()]
+        train_file = tmp_path / "text.jsonl"
+        train_file.write_text(
+            "".join(
+                json.dumps({"text": f"{r['instruction']} {r['input']} {r['output']}"}) + "\n" for r in records
+            )
+        )
     tunelab.train(sft_config(model_dir, train_file, tmp_path / "padded"))
     tunelab.train(sft_config(model_dir, train_file, tmp_path / "packed", "data.packing=true"))
     padded, packed = read_metrics(tmp_path / "padded"), read_metrics(tmp_path / "packed")

@@ -107,9 +107,30 @@ class _PackedCausalAttention(torch.autograd.Function):
         return (*(g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True)), None, None)
 
 
+def check_offsets(cu: torch.Tensor, length: int) -> None:
+    """Raise ValueError unless `cu` holds the offsets of examples that tile a row of `length` tokens:
+    1-D int32 (as packing makes them) or int64, on the CPU, c_0 = 0 <= c_1 <= ... <= c_B = length.
+    The kernel reads rows c_{i-1} .. c_i - 1 without bounds checks: offsets beyond the row would
+    read and write outside the tensors."""
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64):
+        got = cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"cpu_attention: cu must be an int32 (or int64) tensor, got {got}")
+    if cu.dim() != 1 or cu.numel() < 2 or cu.device.type != "cpu":
+        raise ValueError(
+            f"cpu_attention: cu must be a 1-D CPU tensor (B + 1,), got shape {tuple(cu.shape)} on {cu.device}"
+        )
+    first, last = int(cu[0]), int(cu[-1])
+    if first != 0 or last != length or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(
+            "cpu_attention: cu must be non-decreasing offsets from 0 to the sequence length "
+            f"{length} (query.shape[2]), got {cu.tolist()}"
+        )
+
+
 def packed_native(query, key, value, cu, scale: float | None) -> torch.Tensor:
     """Attention within each example of a packed row: query (1, H, N, D), key/value (1, Hkv, N, D),
-    offsets cu (B + 1,). Returns (1, N, H, D) in query's dtype."""
+    offsets cu (B + 1,) from 0 to N (`check_offsets`). Returns (1, N, H, D) in query's dtype."""
+    check_offsets(cu, query.shape[2])
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D)
     return _PackedCausalAttention.apply(q, k, v, cu.to(torch.int64), scale).unsqueeze(0)

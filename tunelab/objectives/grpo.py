@@ -107,9 +107,9 @@ def run(config: RunConfig) -> dict:
         for step in loop.step_numbers():
             loop.end_step(step, grpo_step(online, policy, optimizer, step, next(prompt_batches)), step)
 
-    # The end: held-out scores, `final/` (the policy), `summary.json`.
+    # The end: `final/` (the policy), then held-out scores, `summary.json`.
     if reference is not None:
-        reference.copy = None
+        reference.copy = None  # the held-out scores need no reference: free a frozen copy before saving
     return online.finish(loop.result(), before)
 
 

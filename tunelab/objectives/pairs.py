@@ -19,10 +19,14 @@ from tunelab.training.setup import Run, report_data
 
 
 def load_pairs(run: Run) -> PreferenceData:
-    """Read, check and tokenise the run's preference pairs (`data.*`), and report them."""
+    """Read, check and tokenise the run's preference pairs (`data.*`), and report them (and that
+    `data.packing` does not apply: pairs are padded)."""
     data = prepare_preferences(run.config.data, run.tokenizer, seed=run.config.train.seed)
     eval_count = len(data.eval) if data.eval else 0
     report_data(run, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
+    if run.config.data.packing:
+        objective = run.config.objective.name
+        run.print(f"[tunelab] data.packing: true is ignored by objective {objective}; pairs are padded")
     return data
 
 
@@ -33,10 +37,10 @@ def pair_batches(run: Run, pairs: list[PairExample], position: int) -> Iterator[
     lengths = [p.length for p in pairs]
     order = batch_stream(lengths, run.global_batch, cfg.train.seed, position, cfg.data.group_by_length)
     for indices in order:
-        batch = pad_pairs([pairs[i] for i in run.dist.shard(indices)], run.tokenizer.pad_token_id)
-        yield MicroBatch(
-            to_device(batch, run.device), len(batch["margin"]), int(batch["attention_mask"].sum())
-        )
+        mine = run.dist.shard(indices)
+        batch = pad_pairs([pairs[i] for i in mine], run.tokenizer.pad_token_id)
+        tokens = int(batch["attention_mask"].sum())
+        yield MicroBatch(to_device(batch, run.device), len(batch["margin"]), tokens, mine)
 
 
 def held_out_pair_batches(run: Run, pairs: list[PairExample]) -> Iterator[dict]:

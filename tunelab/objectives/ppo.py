@@ -116,9 +116,9 @@ def run(config: RunConfig) -> dict:
         for step in loop.step_numbers():
             loop.end_step(step, ppo_step(online, policy, optimizer, step, next(prompt_batches)), step)
 
-    # The end: held-out scores, `final/` (the policy, without the value head), `summary.json`.
+    # The end: `final/` (the policy, without the value head), then held-out scores, `summary.json`.
     detach_head(model, VALUE_HEAD)
-    reference.copy = None
+    reference.copy = None  # the held-out scores need no reference: free a frozen copy before saving
     return online.finish(loop.result(), before, last_keys=("kl",))
 
 

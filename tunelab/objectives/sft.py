@@ -27,7 +27,7 @@ from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
 from tunelab.training.loop import MicroBatch, StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
-from tunelab.training.setup import Run, finish, report_data, setup_run
+from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
 
 
 @dataclass
@@ -63,7 +63,8 @@ def run(config: RunConfig) -> dict:
             figures = accumulated_step(run, optimizer, micro_batches, partial(sft_loss, run))
             loop.end_step(step, figures, data_position=step * cfg.grad_accum)
 
-    # The end: held-out figures, `final/`, `summary.json`.
+    # The end: `final/` first, then the held-out figures and `summary.json`.
+    final = save_final(run)
     trainable, total = count_parameters(model)
     summary = {
         "steps": steps,
@@ -75,7 +76,7 @@ def run(config: RunConfig) -> dict:
         summary.update(held_out_loss(run, data.eval.examples))
         if config.eval.generate and data.format in ("instruction", "chat", "prompt_completion"):
             summary["exact_match"] = held_out_exact_match(run, data.eval.conversations, data.template)
-    return finish(run, summary)
+    return write_summary(run, summary, final)
 
 
 def packed_attention(run: Run) -> str:
@@ -96,9 +97,12 @@ def sft_batches(run: Run, examples: list[TokenizedExample], position: int) -> It
     pad_id = run.tokenizer.pad_token_id
     order = batch_stream(lengths, run.global_batch, config.train.seed, position, config.data.group_by_length)
     for indices in order:
-        chosen = [examples[i] for i in run.dist.shard(indices)]
+        mine = run.dist.shard(indices)
+        chosen = [examples[i] for i in mine]
         batch = pack_batch(chosen) if config.data.packing else pad_batch(chosen, pad_id)
-        yield MicroBatch(to_device(batch, run.device), count_targets(batch["labels"]), real_tokens(batch))
+        yield MicroBatch(
+            to_device(batch, run.device), count_targets(batch["labels"]), real_tokens(batch), mine
+        )
 
 
 def sft_loss(run: Run, tensors: dict) -> tuple[torch.Tensor, dict]:

@@ -22,7 +22,7 @@ from tunelab.models import disable_dropout
 from tunelab.rl.rewards import Rewards, check_reward_spec
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.loop import LoopResult
-from tunelab.training.setup import Run, before_and_after, finish, report_data, setup_run
+from tunelab.training.setup import Run, before_and_after, report_data, save_final, setup_run, write_summary
 
 PromptBatch = tuple[list[int], list[PromptExample]]
 """This rank's positions in the step's global batch, and its prompts."""
@@ -88,13 +88,19 @@ class OnlineRun:
 
     @classmethod
     def setup(cls, config: RunConfig, answer: str) -> OnlineRun:
-        """Set up the run (model, method), read the prompts, load the rewards, turn dropout off
-        (the policy, its rollouts and the reference must agree)."""
+        """Set up the run (model, method), read the prompts (noting that `data.packing` does not
+        apply: rollouts are padded), load the rewards, turn dropout off (the policy, its rollouts
+        and the reference must agree)."""
         options = config.objective.options
         run = setup_run(config)
         data = prepare_prompts(config.data, run.tokenizer, seed=config.train.seed)
         eval_count = len(data.eval) if data.eval else 0
         report_data(run, len(data.train), eval_count, "prompts", f"template {data.template}", data.notes)
+        if config.data.packing:
+            objective = config.objective.name
+            run.print(
+                f"[tunelab] data.packing: true is ignored by objective {objective}; rollouts are padded"
+            )
         rewards = Rewards(
             options.reward_functions,
             options.reward_weights,
@@ -182,9 +188,10 @@ class OnlineRun:
         return {key: value / total for key, value in zip(sums, values, strict=True)}
 
     def finish(self, result: LoopResult, before: dict, last_keys: tuple[str, ...] = ()) -> dict:
-        """Evaluate again, save `final/` (every rank; call it once heads are detached and reference
-        copies dropped) and write `summary.json`; returns the summary. `last_keys`: metrics of the
-        last step to report besides reward."""
+        """Save `final/` (every rank; call it once heads are detached), evaluate again and write
+        `summary.json`; returns the summary. `last_keys`: metrics of the last step to report
+        besides reward."""
+        final = save_final(self.run)
         first, last = (result.history[0], result.history[-1]) if result.history else ({}, {})
         summary = {
             "steps": result.steps,
@@ -195,4 +202,4 @@ class OnlineRun:
         }
         if self.data.eval:
             summary.update(before_and_after(before, self.evaluate()))
-        return finish(self.run, summary)
+        return write_summary(self.run, summary, final)
