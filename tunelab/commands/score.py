@@ -32,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--response", help="the response to score (with --prompt)")
     add_records_options(parser, "score")
     add_template_option(parser, "the reward model's")
-    parser.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate sequences to this many tokens (default: the reward run's data.max_length, else 2048)",
+    )
     add_load_options(parser)
 
 
@@ -58,12 +63,15 @@ class Scorer:
         from tunelab.data.templates import choose_template
         from tunelab.data.tokenize import adds_bos
         from tunelab.rl.reward_model import load_reward_model
+        from tunelab.runinfo import run_data_config
 
         self.model = load_reward_model(Path(args.path), dtype=args.dtype, device=args.device)
         self.tokenizer = self.model.tokenizer
         self.template = choose_template(args.template or self.model.template, self.tokenizer)
         self.add_special = self.template != "chat" and adds_bos(self.tokenizer)
-        self.max_length, self.batch_size = args.max_length, args.batch_size
+        saved = run_data_config(Path(args.path))
+        self.max_length = args.max_length or (saved.max_length if saved else 2048)
+        self.batch_size = args.batch_size
 
     def encode(self, conversation):
         """A conversation ending with the response, rendered and tokenised."""
