@@ -111,8 +111,8 @@ MUTATIONS = [
         "a resumed run's losses equal those of a run that never stopped",
         "tunelab/training/checkpoint.py",
         "load_checkpoint",
-        "    optimizer.load_state_dict(opt_state)",
-        "    pass",
+        "        optimizer.load_state_dict(opt_state)",
+        "        pass",
         ("tests/recipes/test_sft.py::test_resume_equals_no_stop",),
     ),
     Mutation(
@@ -120,8 +120,8 @@ MUTATIONS = [
         "a resumed run draws the random numbers (dropout, mini-batch shuffles) of one that never stopped",
         "tunelab/training/checkpoint.py",
         "load_checkpoint",
-        '    restore_rng(load_file(path / "rng.safetensors"), state)',
-        "    pass",
+        "        restore_rng(rng, state)",
+        "        pass",
         (
             "tests/recipes/test_sft.py::test_resume_with_dropout_draws_the_same_masks",
             "tests/recipes/test_grpo_resume.py",
@@ -342,8 +342,8 @@ MUTATIONS = [
         "tunelab loads PEFT's LoRA adapters (rsLoRA included) and computes the same logits",
         "tunelab/methods/lora.py",
         "options_from_peft_config",
-        '        use_rslora=bool(config.get("use_rslora", False)),',
-        "        use_rslora=False,",
+        '        "use_rslora": bool(config.get("use_rslora", False)),',
+        '        "use_rslora": False,',
         ("tests/unit/test_lora_peft_interop.py", "-k peft_adapter_loads_in_tunelab"),
     ),
     Mutation(
@@ -414,14 +414,17 @@ def scratch_copy(destination: Path) -> None:
             shutil.copy2(source, target)
 
 
+def hits(root: Path, mutation: Mutation) -> list[int]:
+    """The indices of the lines of the mutation's file that are its original line."""
+    lines = (root / mutation.path).read_text().split("\n")
+    return [i for i, line in enumerate(lines) if line == mutation.original]
+
+
 def apply(copy: Path, mutation: Mutation) -> None:
     path = copy / mutation.path
-    text = path.read_text()
-    lines = text.split("\n")
-    hits = [i for i, line in enumerate(lines) if line == mutation.original]
-    if len(hits) != 1:
-        raise SystemExit(f"{mutation.name}: the line occurs {len(hits)} times in {mutation.path}, not once")
-    lines[hits[0]] = mutation.mutated
+    lines = path.read_text().split("\n")
+    (index,) = hits(copy, mutation)
+    lines[index] = mutation.mutated
     path.write_text("\n".join(lines))
 
 
@@ -456,6 +459,10 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name:36s} {m.path}:{m.function}  -- {m.claim}")
         return 0
+    stale = [f"{m.name} ({m.path}: {len(hits(ROOT, m))} matches)" for m in chosen if len(hits(ROOT, m)) != 1]
+    if stale:  # the code moved on: each line must be found exactly once
+        print(f"mutations whose line is not found exactly once: {', '.join(stale)}")
+        return 2
     started = time.perf_counter()
     caught = missed = errors = 0
     with tempfile.TemporaryDirectory(prefix="tunelab-mutation-") as scratch:

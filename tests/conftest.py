@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-from tunelab.tiny import ARCHITECTURES, build_tiny_model_dir, build_tokenizer, default_corpus
-
+# Before anything imports huggingface_hub or datasets: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tunelab.tiny import ARCHITECTURES, build_tiny_model_dir, build_tokenizer, default_corpus  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription overhead
 
 

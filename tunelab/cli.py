@@ -28,6 +28,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `tunelab` parser; `parser.commands` maps each command's name to its own parser."""
     parser = argparse.ArgumentParser(
         prog="tunelab",
         description="Fine-tune pre-trained language models: full, partial, LoRA, adapters, prefix tuning; "
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name in COMMANDS:
         command = importlib.import_module(f"tunelab.commands.{name}")
         command_parser = subparsers.add_parser(
@@ -42,13 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_arguments(command_parser)
         command_parser.set_defaults(func=command.run)
+        parser.commands[name] = command_parser
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed; a command's options may come between or after its positional arguments
+    (`tunelab train run.yaml --resume train.lr=1e-4`), which argparse's plain parsing refuses once
+    the trailing overrides have begun. argparse cannot parse intermixed arguments through
+    subparsers, so the command's own parser reads what follows the command's name (only then: its
+    plain parsing words a missing argument better)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in parser.commands:
+        rest = argv[1:]
+        first = next((i for i, arg in enumerate(rest) if not arg.startswith("-")), len(rest))
+        if any(arg.startswith("-") for arg in rest[first + 1 :]):
+            args = parser.commands[argv[0]].parse_intermixed_args(rest)
+            args.command = argv[0]
+            return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

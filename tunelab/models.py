@@ -50,8 +50,16 @@ def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+def one_line(error: Exception) -> str:
+    """An exception's message on one line: transformers' loading errors put their hint (check
+    your connection, the offline mode) on a line of its own."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def check_model_source(name_or_path: str) -> None:
     """Fail early, with a clear message, for a local path that does not exist."""
+    if not isinstance(name_or_path, str):
+        raise TunelabError(f"a model must be named by a hub id or a folder path, not {name_or_path!r}")
     if _looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise TunelabError(f"model path {name_or_path!r} does not exist")
 
@@ -62,7 +70,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {err}") from None
+        raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {one_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -84,8 +92,8 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        raise TunelabError(f"cannot load a model from {name_or_path!r}: {err}") from None
+    except (OSError, ValueError) as err:  # ValueError: a config.json transformers cannot place
+        raise TunelabError(f"cannot load a model from {name_or_path!r}: {one_line(err)}") from None
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device)
 

@@ -14,15 +14,24 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method
-from tunelab.methods.adapter_files import is_adapter_folder, read_adapter_config
+from tunelab.methods.adapter_files import config_error, config_field, is_adapter_folder, read_adapter_config
 from tunelab.models import load_model, load_tokenizer
+
+ADAPTER_METHODS = ("lora", "adapter", "prefix")  # the methods whose artifact is an adapter folder
 
 
 def adapter_method_of(adapter_dir: Path) -> str:
     """Which method saved the adapter in `adapter_dir` (from its `adapter_config.json`)."""
     config = read_adapter_config(adapter_dir)
     if "tunelab_method" in config:
-        return config["tunelab_method"]
+        method = config["tunelab_method"]
+        if method not in ADAPTER_METHODS:
+            raise config_error(
+                adapter_dir,
+                "tunelab_method",
+                f"unknown adapter method {method!r}; tunelab saves {ADAPTER_METHODS}",
+            )
+        return method
     peft_type = config.get("peft_type")
     by_peft_type = {"LORA": "lora", "PREFIX_TUNING": "prefix"}
     if peft_type not in by_peft_type:
@@ -56,7 +65,7 @@ def load_trained(
         raise TunelabError(f"model path {str(path)!r} does not exist")
     if is_adapter_folder(model_dir):
         config = read_adapter_config(model_dir)
-        base = base_model or config.get("base_model_name_or_path")
+        base = base_model or config_field(config, model_dir, "base_model_name_or_path", "str", required=False)
         if not base:
             raise TunelabError(f"{model_dir}/adapter_config.json names no base model; pass one")
         method = adapter_method_of(model_dir)
@@ -65,6 +74,10 @@ def load_trained(
         has_tokenizer = (model_dir / "tokenizer_config.json").exists()
         tokenizer = load_tokenizer(str(model_dir) if has_tokenizer else base, trust_remote_code)
     else:
+        if model_dir.is_dir() and not (model_dir / "config.json").is_file():
+            raise TunelabError(
+                f"{model_dir} is neither a model folder (config.json) nor an adapter folder (adapter_config.json)"
+            )
         model = load_model(str(model_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
         method = "full"

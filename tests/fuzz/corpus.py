@@ -74,9 +74,9 @@ class Invocation:
     argv: list[str]
     names: tuple[str, ...] = ()
     guarded: tuple[Path, ...] = ()
-    rewritable: tuple[str, ...] = ("config.yaml",)
-    """Files directly inside a guarded folder that a failed `train` may write anew (an earlier run's
-    `config.yaml` is rewritten before the data are read: `KNOWN_BUGS` has the case that says so)."""
+    rewritable: tuple[str, ...] = ()
+    """Files directly inside a guarded folder that a failed `train` may write anew (none: a run
+    writes its `config.yaml` only once training starts)."""
     accepted: bool = False
     says: tuple[str, ...] = ()
     """Regular expressions (multi-line) stdout must match when the input is accepted."""
@@ -1274,115 +1274,7 @@ SUBPROCESS_CASES = (
 
 # Case-id pattern (fnmatch) -> what happens and where the fix belongs. Delete an entry when its fix
 # lands (its cases then XPASS, which fails the strict xfail).
-SOURCES = "tunelab/data/sources.py"
-CHECKPOINT = (
-    "training/checkpoint.py load_checkpoint reads the files unguarded; check each and raise a TunelabError "
-    "naming it (the previous checkpoint could be offered)"
-)
-KNOWN_BUGS: dict[str, str] = {
-    # ---- data files
-    "data/*/*/empty_string@*": "an empty required string is trained on (exit 0); a bad record by the contract "
-    "(or, if empty strings are to be valid, make these cases accepted): data/formats.py _text_field and "
-    "_messages, data/preference.py",
-    "data/csv/*/csv_empty_cell@*": "an empty required cell is trained on (exit 0), as empty_string",
-    "data/*/*/lone_surrogate@*": "TypeError 'TextEncodeInput must be Union[...]' from the tokenizer: a string with "
-    "an unpaired surrogate escape (\\ud800) is not Unicode text; reject it per record and field in "
-    + SOURCES,
-    "data/*/*/huge_integer@*": "ValueError 'Exceeds the limit (4300 digits)' from json.loads: "
-    + SOURCES
-    + " _read_jsonl/_read_json catch only JSONDecodeError (catch ValueError)",
-    "data/[jc]s*/*/invalid_utf8@*": "UnicodeDecodeError: " + SOURCES + " reads text files as UTF-8 without "
-    "catching decoding errors (JSONL can name the line, CSV the row)",
-    "data/*/instruction/binary_garbage@*": "UnicodeDecodeError (text files) or pyarrow's ArrowInvalid (Parquet): "
-    + SOURCES
-    + " catches neither",
-    "data/*/instruction/utf16@*": "UnicodeDecodeError: " + SOURCES,
-    "data/*/instruction/deep_nesting@*": "RecursionError from json.loads: " + SOURCES,
-    "data/*/*/bom@*": "a UTF-8 byte-order mark (Notepad, Excel's 'CSV UTF-8') is refused: JSON(L) says 'record "
-    "1: not valid JSON (Unexpected UTF-8 BOM)'; CSV reads the header '\\ufeffinstruction' and says 'record 1, "
-    "field instruction: missing field'; read with encoding='utf-8-sig' in " + SOURCES,
-    "data/csv/instruction/huge_line@*": "_csv.Error 'field larger than field limit (131072)': " + SOURCES,
-    "data/csv/*/csv_extra_cells@*": "a row with more cells than the header is trained on (exit 0), its extra "
-    "cells under the key None: " + SOURCES + " should refuse it, naming the row",
-    "data/csv/auto/extra_cells@*": "TypeError from sorted(record) in data/dataset.py read_conversations: the "
-    "None key of a CSV row's extra cells (data.format auto)",
-    "data/csv/text/csv_unbalanced_quote@*": "an unclosed quote swallows the rest of the file into one cell, "
-    "trained on (exit 0): csv.DictReader(strict=True) in " + SOURCES,
-    "data/parquet/instruction/empty_file@*": "pyarrow's ArrowInvalid from pq.read_table: " + SOURCES,
-    "data/parquet/instruction/truncated@*": "pyarrow's ArrowInvalid from pq.read_table: " + SOURCES,
-    "data/parquet/instruction/jsonl_inside@*": "pyarrow's ArrowInvalid from pq.read_table: " + SOURCES,
-    "data/jsonl/instruction/earlier_config_kept@train": "a failed run rewrites the earlier run's "
-    "config.yaml (training/setup.py setup_run writes it before the data are read, objectives/sft.py and the "
-    "others read data after the model); `tunelab eval RUN` then reads the bad run's data section",
-    # ---- configs
-    "config/yaml_unclosed_flow@*": "PyYAML's error (8 lines) printed as it is: config.py read_yaml should "
-    "print one line, the problem and its line and column",
-    "config/yaml_tab_indent@*": "multi-line YAML error, as yaml_unclosed_flow",
-    "config/yaml_bad_indent@*": "multi-line YAML error, as yaml_unclosed_flow",
-    "config/yaml_nul_byte@*": "multi-line YAML error, as yaml_unclosed_flow",
-    "config/yaml_two_documents@*": "multi-line YAML error, as yaml_unclosed_flow",
-    "config/yaml_deep_nesting@*": "RecursionError from yaml.safe_load: config.py read_yaml catches YAMLError only",
-    "config/invalid_utf8@*": "UnicodeDecodeError from path.read_text() in config.py read_yaml",
-    "config/binary_garbage@*": "UnicodeDecodeError from path.read_text() in config.py read_yaml",
-    "config/utf16@*": "UnicodeDecodeError from path.read_text() in config.py read_yaml",
-    "config/list_document@*": "AttributeError 'list' object has no attribute 'update' in config.py load_config: "
-    "read_yaml returns a document that is not a mapping",
-    "config/scalar_document@*": "AttributeError 'str' object has no attribute 'update', as list_document",
-    "config/duplicate_key@inspect": "a key given twice is accepted, the last one wins (PyYAML's default); a "
-    "strict config refuses it (config.py read_yaml, a loader that checks keys)",
-    "config/model_hub_id_offline@train": "the error is 2 lines: models.py load_tokenizer/load_model print the "
-    "OSError of transformers as it is, with its newline",
-    "config/override_yaml_error@train": "yaml.YAMLError from config.py parse_override (yaml.safe_load of the "
-    "value, unguarded)",
-    # ---- adapter folders
-    "adapter/lora/no_adapter_config@generate": "ValueError 'Unrecognized model ... model_type' from "
-    "transformers: trained.py load_trained takes a folder without adapter_config.json for a model folder and "
-    "models.py load_model catches only OSError",
-    "adapter/lora/no_adapter_config@eval": "as no_adapter_config@generate",
-    "adapter/*/weights_truncated@generate": "SafetensorError from load_file in methods/adapter_files.py "
-    "read_adapter_weights",
-    "adapter/*/weights_truncated@eval": "SafetensorError, as weights_truncated@generate",
-    "adapter/lora/weights_truncated@merge": "SafetensorError, as weights_truncated@generate",
-    "adapter/lora/weights_empty@*": "SafetensorError, as weights_truncated@generate",
-    "adapter/lora/weights_garbage@*": "SafetensorError, as weights_truncated@generate",
-    "adapter/lora/config_*": "JSONDecodeError, UnicodeDecodeError or (not an object) AttributeError: "
-    "methods/adapter_files.py read_adapter_config parses unguarded and returns what it finds",
-    "adapter/lora/base_hub_id_offline@*": "the error is 2 lines, as config/model_hub_id_offline",
-    "adapter/lora/base_not_a_string@*": "AttributeError 'int' object has no attribute 'startswith' in "
-    "models.py check_model_source: trained.py load_trained does not check base_model_name_or_path's type",
-    "adapter/lora/tunelab_method_unknown@generate": "'unknown method 'bogus'' names no file: trained.py "
-    "adapter_method_of should check tunelab_method and name the adapter_config.json",
-    "adapter/lora/tunelab_method_unknown@eval": "as tunelab_method_unknown@generate",
-    "adapter/lora/r_absent@*": "KeyError 'r' in methods/lora.py options_from_peft_config (lora_io.read_adapter "
-    "checks no required key)",
-    "adapter/lora/r_not_an_integer@*": "ValueError from lora Options, not a TunelabError: methods/lora_io.py "
-    "read_adapter",
-    "adapter/lora/target_modules_not_a_list@*": "TypeError from lora apply: methods/lora_io.py read_adapter",
-    "adapter/prefix/num_layers_absent@*": "KeyError 'num_layers' in methods/prefix.py load",
-    "adapter/adapter/hidden_size_absent@*": "KeyError 'hidden_size' in methods/adapter.py load",
-    "adapter/adapter/placement_unknown@*": "ValueError from adapter Options in methods/adapter.py load",
-    # ---- checkpoints
-    "checkpoint/trainable_*": "SafetensorError or FileNotFoundError: " + CHECKPOINT,
-    "checkpoint/optimizer_*": "SafetensorError, FileNotFoundError or JSONDecodeError: " + CHECKPOINT,
-    "checkpoint/rng_truncated@train": "SafetensorError: " + CHECKPOINT,
-    "checkpoint/state_*": "FileNotFoundError, UnicodeDecodeError, AttributeError, KeyError or (a string step, "
-    "after 'resumed from') TypeError in the loop: " + CHECKPOINT,
-    "checkpoint/empty_folder@train": "FileNotFoundError: " + CHECKPOINT,
-    # ---- long records
-    "long/eval_command_truncates@eval": "`tunelab eval --max-length` truncates without saying so: commands/eval.py "
-    "never prints prepare_data's notes",
-    "long/held_out_examples_truncated@train": "truncated held-out examples are not counted: data/dataset.py "
-    "prepare_data notes only the training split's truncations",
-    # ---- evaluation sets
-    "eval-set/held_out_all_too_long@train": "no held-out example fits max_length: the run reports '0 eval', trains, "
-    "writes final/ over the earlier run's, then ValueError 'max() arg is an empty sequence' in evaluate.py; "
-    "data/dataset.py prepare_data should refuse an eval set left empty, naming data.eval",
-    "eval-set/eval_fraction_takes_every_record@train": "one record with eval_fraction 0.5: the error blames "
-    "max_length ('no training example has response tokens'); data/splits.py or prepare_data should say "
-    "eval_fraction left no training records",
-    "eval-set/run_without_eval_data@eval": "'no eval data: pass --data FILE' does not name the path: "
-    "commands/eval.py",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 if __name__ == "__main__":

@@ -98,3 +98,17 @@ def test_demo_runs_from_any_working_directory(tmp_path):
     assert "| exact match (held-out)" in result.stdout and str(tmp_path / "out") in result.stdout
     summary = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert summary["after"]["steps"] == 2 and (tmp_path / "out" / "final").is_dir()
+
+
+def test_train_options_may_follow_the_overrides():
+    from tunelab.cli import build_parser, parse_args
+
+    parser = build_parser()
+    for argv in (
+        ["train", "run.yaml", "--resume", "method.r=8", "train.lr=1"],
+        ["train", "run.yaml", "method.r=8", "train.lr=1", "--resume"],
+        ["train", "run.yaml", "method.r=8", "--resume", "train.lr=1"],
+    ):
+        args = parse_args(parser, argv)
+        assert (args.command, args.config, args.resume) == ("train", "run.yaml", True)
+        assert args.overrides == ["method.r=8", "train.lr=1"]

@@ -79,6 +79,32 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "model: [unclosed\n"))
 
 
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"model: {name_or_path: x\n  bad: [\n", r"not valid YAML: line 2, column 6: expected"),
+        (b"model: {name_or_path: x}\n---\ntrain: {}\n", r"single document .* line 2, column 1"),
+        (b"model: {name_or_path: x}\x00\n", r"line 1, column 25: unacceptable character #x0000"),
+        (b"model: {name_or_path: x}\ntrain: {lr: 1}\ntrain: {lr: 2}\n", r"line 3.*'train' is given twice"),
+        (b"model: {name_or_path: \xff}\n", r"not UTF-8 text \(line 1"),
+        (b"model: " + b"[" * 1000 + b"]" * 1000 + b"\n", r"nested too deeply"),
+        (b"- model\n- data\n", r"must be a mapping of sections .* not a list"),
+        (b"just words\n", r"not a str"),
+    ],
+)
+def test_unreadable_configs_are_one_line_naming_the_file(tmp_path, content, expected):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+
+
+def test_an_override_that_is_not_yaml_names_the_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'train.lr=\[': the value is not valid YAML: line 1"):
+        load_config(write(tmp_path, "model: {name_or_path: m}\n"), ["train.lr=["])
+
+
 def test_every_field_has_a_docstring():
     for cls in (TrainConfig, DataConfig, ModelConfig):
         docs = field_docs(cls)

@@ -192,3 +192,116 @@ def test_plain_template_concatenates_prompt_and_completion(tiny_tokenizer, tmp_p
     assert tiny_tokenizer.decode(targets) == " 4" + tiny_tokenizer.eos_token
     ids, reference = prompt_and_reference(data.train.conversations[0], tiny_tokenizer, "plain")
     assert tiny_tokenizer.decode(ids) == "2 + 2 =" and reference == " 4"
+
+
+GOOD = b'{"instruction": "a", "output": "b"}\n'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "record", "field", "problem"),
+    [
+        (
+            "d.jsonl",
+            GOOD + b'{"instruction": "a", "output": "\xff\xfe"}\n',
+            2,
+            None,
+            "not UTF-8 text: byte 0xff",
+        ),
+        ("d.jsonl", GOOD.decode().encode("utf-16"), None, None, "UTF-16"),
+        (
+            "d.json",
+            b'[{"instruction": "a", "output": "\xff"}]',
+            None,
+            None,
+            "not UTF-8 text: byte 0xff at line 1",
+        ),
+        ("d.csv", b"instruction,output\na,b\nc,\xff\n", None, None, "not UTF-8 text: byte 0xff at line 3"),
+        ("d.jsonl", GOOD + b"[" * 100_000 + b"\n", 2, None, "nested too deeply"),
+        (
+            "d.jsonl",
+            GOOD + b'{"instruction": "a", "output": ' + b"9" * 5000 + b"}\n",
+            2,
+            None,
+            "not valid JSON",
+        ),
+        ("d.json", b"[" + b"9" * 5000 + b"]", None, None, "not valid JSON"),
+        (
+            "d.json",
+            b'[\n{"instruction": "a", "output": "b"},\n{"instruction" "a"}\n]',
+            None,
+            None,
+            "at line 3",
+        ),
+        ("d.jsonl", GOOD + b'{"instruction": "a", "output": "x \\ud800"}\n', 2, "output", "lone surrogate"),
+        ("d.jsonl", GOOD + b'{"instruction": "a", "output": ""}\n', 2, "output", "is empty"),
+        ("d.jsonl", GOOD + b'{"instruction": " ", "output": "b"}\n', 2, "instruction", "only whitespace"),
+        ("d.csv", b"instruction,output\na,b\nc,\n", 2, "output", "is empty"),
+        ("d.csv", b"instruction,output\na,b\nc,d,e,f\n", 2, None, "4 cells, the header has 2"),
+        ("d.csv", b'text\nfirst\n"second\nthird\n', 2, None, "not valid CSV"),
+        ("d.parquet", b"", None, None, "not a readable Parquet file"),
+        ("d.parquet", GOOD, None, None, "not a readable Parquet file"),
+    ],
+)
+def test_bad_bytes_name_file_record_and_field(
+    tiny_tokenizer, tmp_path, name, content, record, field, problem
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    fmt = "text" if content.startswith(b"text") else "instruction"
+    with pytest.raises(DataError) as err:
+        prepare(tiny_tokenizer, path, format=fmt)
+    assert (err.value.source, err.value.record, err.value.field) == (str(path), record, field)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_chat_message_content_must_not_be_empty(tiny_tokenizer, tmp_path):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError) as err:
+        prepare(tiny_tokenizer, path, format="chat")
+    assert (err.value.record, err.value.field) == (1, "messages[1].content")
+    system = [{"role": "system", "content": ""}, *messages[:1], {"role": "assistant", "content": "yo"}]
+    data = prepare(tiny_tokenizer, write_jsonl(tmp_path / "s.jsonl", [{"messages": system}]), format="chat")
+    assert len(data.train.examples) == 1  # an empty system message stays valid
+
+
+def test_bom_crlf_and_huge_csv_cells_are_read(tiny_tokenizer, tmp_path):
+    bom = b"\xef\xbb\xbf"
+    rows = [{"instruction": "say hi", "input": "", "output": "hi"}, {"instruction": "say yo", "output": "yo"}]
+    (tmp_path / "a.jsonl").write_bytes(bom + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
+    (tmp_path / "c.csv").write_bytes(
+        bom + b"instruction,output\r\nsay hi,hi\r\nsay yo," + b"yo " * 100_000 + b"\r\n"
+    )
+    for name in ("a.jsonl", "b.json", "c.csv"):
+        data = prepare(tiny_tokenizer, tmp_path / name, max_length=32)
+        assert len(data.train.examples) == 2, name
+    assert data.notes == ["truncated 1 of 2 training examples to 32 tokens"]
+
+
+def test_skip_bad_records_skips_undecodable_lines(tiny_tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD + b"\xff\xfe garbage\n" + b"[" * 100_000 + b"\n" + GOOD)
+    data = prepare(tiny_tokenizer, path, skip_bad_records=True)
+    assert len(data.train.examples) == 2 and data.train.skipped == 2
+
+
+def test_eval_set_truncations_are_counted_and_an_empty_one_refused(tiny_tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    long = {"instruction": "repeat", "output": "the quick brown fox " * 20}
+    held_out = write_jsonl(tmp_path / "e.jsonl", [{"instruction": "say yo", "output": "yo"}, long])
+    data = prepare(tiny_tokenizer, train, eval=str(held_out), max_length=24, template="alpaca")
+    assert "truncated 1 of 2 eval examples to 24 tokens" in data.notes
+    too_long = write_jsonl(
+        tmp_path / "l.jsonl", [{"instruction": "the quick brown fox " * 20, "output": "x"}]
+    )
+    with pytest.raises(DataError) as err:
+        prepare(tiny_tokenizer, train, eval=str(too_long), max_length=24, template="alpaca")
+    assert err.value.source == str(too_long) and "eval set is empty" in str(err.value)
+
+
+def test_eval_fraction_taking_every_record_says_so(tiny_tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "say hi", "output": "hi"}])
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.5 holds out all 1 usable records") as err:
+        prepare(tiny_tokenizer, train, eval_fraction=0.5)
+    assert err.value.source == str(train)

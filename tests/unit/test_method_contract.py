@@ -422,3 +422,39 @@ def test_load_into_is_strict_names_the_file_and_copies_nothing_on_error():
     assert torch.equal(targets["b"], torch.arange(4.0))
     load_into(targets, {"a": torch.ones(2, 3), "b": torch.ones(4)}, "f", place=lambda saved, like: 2 * saved)
     assert targets["b"].eq(2).all()
+
+
+@pytest.mark.parametrize(
+    "config, weights, expected",
+    [
+        (b"", None, r"adapter_config.json: not valid JSON \(line 1, column 1"),
+        (b"[1, 2]", None, r"adapter_config.json: must hold a JSON object, not a list"),
+        (b'{"peft_type": "\xff"}', None, r"adapter_config.json: not UTF-8 text"),
+        (b"{}", b"", r"adapter_model.safetensors: not a readable safetensors file"),
+        (b"{}", b"\x00" * 100, r"adapter_model.safetensors: not a readable safetensors file"),
+    ],
+)
+def test_unreadable_adapter_files_are_errors_naming_the_file(tmp_path, config, weights, expected):
+    from tunelab.methods.adapter_files import read_adapter_config, read_adapter_weights
+
+    (tmp_path / "adapter_config.json").write_bytes(config)
+    if weights is not None:
+        (tmp_path / "adapter_model.safetensors").write_bytes(weights)
+    with pytest.raises(TunelabError, match=expected) as caught:
+        read_adapter_config(tmp_path) if weights is None else read_adapter_weights(tmp_path)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_adapter_config_fields_are_checked_by_name(tmp_path):
+    from tunelab.methods.adapter_files import config_field
+
+    config = {"r": "four", "target_modules": 5, "hidden_size": 8}
+    assert config_field(config, tmp_path, "hidden_size", "int") == 8
+    assert config_field(config, tmp_path, "lora_dropout", "number", required=False, default=0.0) == 0.0
+    for key, kind, problem in (
+        ("r", "int", "r: must be an integer, not 'four'"),
+        ("target_modules", "str-list", "target_modules: must be a string or a list of strings, not 5"),
+        ("num_layers", "int", "num_layers: missing"),
+    ):
+        with pytest.raises(TunelabError, match=f"adapter_config.json: {problem}"):
+            config_field(config, tmp_path, key, kind)

@@ -149,6 +149,15 @@ def test_margin_and_padding(tiny_tokenizer, tmp_path):
             "shared prompt",
         ),
         ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}, "margin", "expected a number"),
+        ({"prompt": "p", "chosen": "", "rejected": "r"}, "chosen", "is empty"),
+        ({"prompt": "p", "chosen": "c", "rejected": " "}, "rejected", "only whitespace"),
+        ({"prompt": "", "chosen": "c", "rejected": "r"}, "prompt", "is empty"),
+        ({"prompt": "p", "chosen": "c", "rejected": "x \ud800"}, "rejected", "lone surrogate"),
+        (
+            {"prompt": [{"role": "user", "content": ""}], "chosen": "c", "rejected": "r"},
+            "prompt[0].content",
+            "is empty",
+        ),
     ],
 )
 def test_bad_preference_records_name_file_line_and_field(tiny_tokenizer, tmp_path, row, field, problem):
@@ -263,3 +272,20 @@ def test_bundled_rlhf_data_loads_and_is_regenerated_exactly(tiny_tokenizer, tmp_
     assert len(prepare_preferences(config, tiny_tokenizer).train) == 20
     prompts = DataConfig(train=str(ROOT / "data/rlhf/prompts_eval.jsonl"), template="alpaca")
     assert len(prepare_prompts(prompts, tiny_tokenizer).train) == 200
+
+
+def test_held_out_sets_left_empty_by_max_length_are_refused(tiny_tokenizer, tmp_path):
+    long = "the quick brown fox " * 20
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    held_out = write_jsonl(tmp_path / "e.jsonl", [{"prompt": long, "chosen": "c", "rejected": "r"}])
+    with pytest.raises(DataError, match="eval set is empty") as err:
+        pairs(tiny_tokenizer, train, eval=str(held_out), template="alpaca", max_length=24)
+    assert err.value.source == str(held_out)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}])
+    long_prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": long}])
+    with pytest.raises(DataError, match="eval set is empty") as err:
+        cfg = DataConfig(train=str(prompts), eval=str(long_prompts), template="alpaca", max_length=24)
+        prepare_prompts(cfg, tiny_tokenizer)
+    assert err.value.source == str(long_prompts)
+    with pytest.raises(DataError, match="eval_fraction"):
+        prepare_prompts(DataConfig(train=str(prompts), eval_fraction=0.5), tiny_tokenizer)

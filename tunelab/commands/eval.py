@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from tunelab.config import DataConfig
+    from tunelab.console import note
     from tunelab.data.dataset import prepare_data
     from tunelab.errors import TunelabError
     from tunelab.evaluate import evaluate_loss, exact_match
@@ -50,7 +51,9 @@ def run(args) -> int:
     saved = run_data_config(Path(args.path))
     data_source = args.data or (saved.eval if saved else None)
     if not data_source:
-        raise TunelabError("no eval data: pass --data FILE (the path is not a run with eval data)")
+        raise TunelabError(
+            f"no eval data for {args.path}: it is not a run with data.eval set; pass --data FILE"
+        )
     cfg = DataConfig(
         train=data_source,
         split=args.split,
@@ -60,7 +63,9 @@ def run(args) -> int:
         max_records=args.limit,
     )
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, role="eval")
+    for line in data.notes:
+        note(f"[tunelab] data: {line}")
     result = {"path": args.path, "method": method, "records": len(data.train.examples)}
     result.update(evaluate_loss(model, data.train.examples, tokenizer.pad_token_id, args.batch_size))
     if not args.no_generate and data.format in ("instruction", "chat", "prompt_completion"):

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.config import DataConfig
 from tunelab.data.formats import Conversation, detect_format, to_conversation
 from tunelab.data.sources import check_records, read_records
-from tunelab.data.splits import split_train_eval
+from tunelab.data.splits import eval_source, split_train_eval
 from tunelab.data.templates import choose_template, generation_prompt, render_segments
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_prompt, encode_segments
 from tunelab.errors import DataError
@@ -90,8 +90,11 @@ def tokenize_split(
     return SplitData(examples, kept, truncated=truncated, empty=empty)
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreparedData:
-    """Read, check, split and tokenise the training (and evaluation) data of a run."""
+def prepare_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, role: str = "training"
+) -> PreparedData:
+    """Read, check, split and tokenise the training (and evaluation) data of a run. `role` names
+    the examples of `cfg.train` in the notes and errors (`tunelab eval` reads its data as `eval`)."""
     if not cfg.train:
         raise DataError("data.train", None, None, "no training data given")
     train_convs, fmt, skipped = read_conversations(
@@ -115,14 +118,27 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
     notes = []
     if skipped or eval_skipped:
         notes.append(f"skipped {skipped + eval_skipped} bad records")
-    if train.truncated:
-        notes.append(
-            f"truncated {train.truncated} of {len(train_convs)} training examples to {cfg.max_length} tokens"
-        )
-    if train.empty:
-        notes.append(f"dropped {train.empty} training examples with no response tokens left after truncation")
+    splits = [(role, train, len(train_convs))]
+    if evaluation is not None:
+        splits.append(("eval", evaluation, len(eval_convs)))
+    for name, split, total in splits:
+        if split.truncated:
+            notes.append(f"truncated {split.truncated} of {total} {name} examples to {cfg.max_length} tokens")
+        if split.empty:
+            notes.append(
+                f"dropped {split.empty} {name} examples with no response tokens left after truncation"
+            )
     if not train.examples:
-        raise DataError(cfg.train, None, None, "no training example has response tokens within max_length")
+        raise DataError(
+            cfg.train, None, None, f"no {role} example has response tokens within max_length={cfg.max_length}"
+        )
+    if evaluation is not None and not evaluation.examples:
+        raise DataError(
+            eval_source(cfg),
+            None,
+            None,
+            f"no eval example has response tokens within max_length={cfg.max_length}: the eval set is empty",
+        )
     return PreparedData(train, evaluation, fmt, template, notes)
 
 

@@ -56,6 +56,8 @@ def _text_field(record: dict, keys: tuple[str, ...], source: str, number: int, r
             value = record[key]
             if not isinstance(value, str):
                 raise DataError(source, number, key, f"expected a string, got {type(value).__name__}")
+            if required:
+                require_text(value, source, number, key)
             return value
     if required:
         raise DataError(
@@ -65,6 +67,12 @@ def _text_field(record: dict, keys: tuple[str, ...], source: str, number: int, r
             "missing field" + (f" (or {', '.join(keys[1:])})" if len(keys) > 1 else ""),
         )
     return ""
+
+
+def require_text(value: str, source: str, number: int, key: str) -> None:
+    """A required string must hold some text: an empty one (or only whitespace) is a bad record."""
+    if not value.strip():
+        raise DataError(source, number, key, "is empty" if not value else "holds only whitespace")
 
 
 def _messages(value, source: str, number: int, key: str) -> list[tuple[str, str]]:
@@ -81,6 +89,8 @@ def _messages(value, source: str, number: int, key: str) -> list[tuple[str, str]
             raise DataError(source, number, f"{key}[{i}].role", f"must be one of {ROLES}, got {role!r}")
         if not isinstance(content, str):
             raise DataError(source, number, f"{key}[{i}].content", "expected a string")
+        if role != "system":  # an empty system message (common in chat exports) says nothing
+            require_text(content, source, number, f"{key}[{i}].content")
         turns.append((role, content))
     return turns
 

@@ -31,9 +31,9 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.config import DataConfig
 from tunelab.data.collate import pad_batch
 from tunelab.data.dataset import prompt_and_reference
-from tunelab.data.formats import Conversation, _messages, to_conversation
+from tunelab.data.formats import Conversation, _messages, require_text, to_conversation
 from tunelab.data.sources import check_records, read_records
-from tunelab.data.splits import split_train_eval
+from tunelab.data.splits import eval_source, split_train_eval
 from tunelab.data.templates import choose_template, render_segments
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_segments
 from tunelab.errors import DataError
@@ -101,6 +101,7 @@ PromptData = PreparedExamples[PromptExample]
 
 def _response_turns(value, source: str, number: int, key: str) -> Turns:
     if isinstance(value, str):
+        require_text(value, source, number, key)
         return [("assistant", value)]
     turns = _messages(value, source, number, key)
     if turns[0][0] != "assistant":
@@ -151,6 +152,7 @@ def _prompt_turns(prompt, source: str, number: int) -> list[tuple[str, str]]:
     if isinstance(prompt, list):
         return _messages(prompt, source, number, "prompt")
     if isinstance(prompt, str):
+        require_text(prompt, source, number, "prompt")
         return [("user", prompt)]
     raise DataError(source, number, "prompt", f"expected a string or messages, got {type(prompt).__name__}")
 
@@ -275,8 +277,17 @@ def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, see
         notes.append(f"dropped {dropped} training pairs with a response cut away by max_length")
     if not train:
         raise DataError(cfg.train, None, None, "no preference pair has both responses within max_length")
-    held_out = _encode_pairs(eval_pairs, tokenizer, template, cfg.max_length)[0] if eval_pairs else None
-    return PreferenceData(train, held_out or None, template, notes)
+    held_out = None
+    if eval_pairs:
+        held_out, dropped, truncated = _encode_pairs(eval_pairs, tokenizer, template, cfg.max_length)
+        if truncated:
+            notes.append(f"truncated {truncated} of {len(eval_pairs)} eval pairs to {cfg.max_length} tokens")
+        if dropped:
+            notes.append(f"dropped {dropped} eval pairs with a response cut away by max_length")
+        if not held_out:
+            problem = "no eval pair has both responses within max_length: the eval set is empty"
+            raise DataError(eval_source(cfg), None, None, problem)
+    return PreferenceData(train, held_out, template, notes)
 
 
 def pad_pairs(pairs: list[PairExample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -323,5 +334,14 @@ def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         )
     if not train:
         raise DataError(cfg.train, None, None, f"no prompt fits in data.max_length={cfg.max_length} tokens")
-    held_out = encode(eval_records)[0] if eval_records else None
-    return PromptData(train, held_out or None, template, notes)
+    held_out = None
+    if eval_records:
+        held_out, too_long = encode(eval_records)
+        if too_long:
+            notes.append(
+                f"dropped {too_long} eval prompts longer than data.max_length={cfg.max_length} tokens"
+            )
+        if not held_out:
+            problem = f"no eval prompt fits in data.max_length={cfg.max_length} tokens: the eval set is empty"
+            raise DataError(eval_source(cfg), None, None, problem)
+    return PromptData(train, held_out, template, notes)

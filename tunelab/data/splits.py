@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from tunelab.config import DataConfig
 from tunelab.data.sources import is_local
+from tunelab.errors import DataError
 
 Record = TypeVar("Record")
 
@@ -24,6 +25,11 @@ Record = TypeVar("Record")
 def eval_split(cfg: DataConfig) -> str:
     """The split `data.eval` is read at: `data.eval_split`, else `test` for a hub id, `train` for a file."""
     return cfg.eval_split or ("test" if not is_local(cfg.eval) else "train")
+
+
+def eval_source(cfg: DataConfig) -> str:
+    """How an error names the held-out records: `data.eval`, else the training file's fraction."""
+    return cfg.eval or f"{cfg.train} (data.eval_fraction={cfg.eval_fraction})"
 
 
 def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
@@ -48,7 +54,16 @@ def split_train_eval(
     if cfg.eval:
         held_out, skipped = read_eval(cfg.eval, eval_split(cfg))
     elif cfg.eval_fraction > 0:
+        total = len(train)
         train, held_out = hold_out(train, cfg.eval_fraction, seed)
+        if not train:
+            raise DataError(
+                cfg.train,
+                None,
+                None,
+                f"data.eval_fraction={cfg.eval_fraction} holds out all {total} usable records: "
+                "none is left to train on",
+            )
     if cfg.max_records is not None:
         train = train[: cfg.max_records]
     return train, held_out, skipped

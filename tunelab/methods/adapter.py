@@ -42,6 +42,8 @@ from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
 from tunelab.methods.adapter_files import (
     WEIGHTS_FILE,
+    config_field,
+    options_from_config,
     read_adapter_config,
     read_adapter_weights,
     write_adapter_folder,
@@ -301,12 +303,15 @@ def load(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> 
         raise TunelabError(
             f"{adapter_dir}: not a tunelab adapter (tunelab_method={config.get('tunelab_method')!r})"
         )
-    if config["hidden_size"] != hidden_size(model):
+    trained_for = config_field(config, adapter_dir, "hidden_size", "int")
+    options = options_from_config(
+        Options, {f.name: config[f.name] for f in fields(Options) if f.name in config}, adapter_dir
+    )
+    if trained_for != hidden_size(model):
         raise TunelabError(
-            f"{adapter_dir}: adapter was trained for hidden size {config['hidden_size']}, "
+            f"{adapter_dir}: adapter was trained for hidden size {trained_for}, "
             f"but {type(model).__name__} has {hidden_size(model)}"
         )
-    options = Options(**{f.name: config[f.name] for f in fields(Options) if f.name in config})
     tensors = read_adapter_weights(adapter_dir)
     apply(model, options)
     load_into(method_parameters(model, options.train_layer_norms), tensors, str(adapter_dir / WEIGHTS_FILE))

@@ -33,7 +33,7 @@ from torch import nn
 
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
-from tunelab.methods.adapter_files import WEIGHTS_FILE, write_adapter_folder
+from tunelab.methods.adapter_files import WEIGHTS_FILE, options_from_config, write_adapter_folder
 from tunelab.methods.inject import decoder_layers, layer_index, name_matches
 from tunelab.methods.lora_io import adapter_tensors, peft_config, read_adapter
 from tunelab.methods.lora_layer import SUPPORTED_LAYERS, LoRALinear, SavedModule
@@ -263,17 +263,20 @@ def save(model: nn.Module, options: Options, out_dir: Path, base_model: str) -> 
     write_adapter_folder(Path(out_dir), config, adapter_tensors(model))
 
 
-def options_from_peft_config(config: dict) -> Options:
-    """Our `Options` from a PEFT `adapter_config.json` (already checked by `lora_io.read_adapter`)."""
-    return Options(
-        r=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config.get("lora_dropout") or 0.0,
-        target_modules=config["target_modules"],
-        use_rslora=bool(config.get("use_rslora", False)),
-        modules_to_save=list(config.get("modules_to_save") or []),
-        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
-    )
+def options_from_peft_config(config: dict, adapter_dir: Path) -> Options:
+    """Our `Options` from the PEFT `adapter_config.json` of `adapter_dir` (its fields' types already
+    checked by `lora_io.read_adapter`); a bad value is a `TunelabError` naming the file."""
+    modules_to_save = config.get("modules_to_save") or []
+    values = {
+        "r": config["r"],
+        "alpha": config["lora_alpha"],
+        "dropout": config.get("lora_dropout") or 0.0,
+        "target_modules": config["target_modules"],
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "modules_to_save": [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save),
+        "init": "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+    }
+    return options_from_config(Options, values, adapter_dir)
 
 
 def load(model: nn.Module, adapter_dir: Path, trainable: bool = False) -> None:
@@ -284,7 +287,7 @@ def load(model: nn.Module, adapter_dir: Path, trainable: bool = False) -> None:
     """
     adapter_dir = Path(adapter_dir)
     config, tensors = read_adapter(adapter_dir)
-    apply(model, options_from_peft_config(config))
+    apply(model, options_from_peft_config(config, adapter_dir))
     load_into(adapter_tensors(model), tensors, str(adapter_dir / WEIGHTS_FILE))
     if not trainable:
         freeze_all(model)

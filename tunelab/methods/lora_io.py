@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods.adapter_files import CONFIG_FILE, read_adapter_config, read_adapter_weights
+from tunelab.methods.adapter_files import CONFIG_FILE, config_field, read_adapter_config, read_adapter_weights
 from tunelab.methods.lora_layer import LoRALinear, SavedModule
 
 PREFIX = "base_model.model."
@@ -90,7 +90,9 @@ def peft_config(
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of a LoRA adapter folder; refuses PEFT options tunelab does not implement."""
+    """(config, tensors) of a LoRA adapter folder; refuses PEFT options tunelab does not implement,
+    and checks the fields `lora.options_from_peft_config` reads (a `TunelabError` naming the file
+    and the field)."""
     config = read_adapter_config(adapter_dir)
     config_path = Path(adapter_dir) / CONFIG_FILE
     if config.get("peft_type") != "LORA":
@@ -103,4 +105,10 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     init = config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
         raise TunelabError(f"{config_path}: init_lora_weights={init!r} is not supported")
+    config_field(config, adapter_dir, "r", "int")
+    config_field(config, adapter_dir, "lora_alpha", "number")
+    config_field(config, adapter_dir, "lora_dropout", "number", required=False)
+    config_field(config, adapter_dir, "target_modules", "str-list")
+    config_field(config, adapter_dir, "modules_to_save", "str-list", required=False)
+    config_field(config, adapter_dir, "use_rslora", "bool", required=False)
     return config, read_adapter_weights(adapter_dir)

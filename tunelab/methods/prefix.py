@@ -65,6 +65,8 @@ from tunelab.methods import freeze_all
 from tunelab.methods import prefix_cache as kv
 from tunelab.methods.adapter_files import (
     WEIGHTS_FILE,
+    config_field,
+    options_from_config,
     read_adapter_config,
     read_adapter_weights,
     write_adapter_folder,
@@ -73,6 +75,7 @@ from tunelab.weights import load_into
 
 ENCODER_NAME = "prefix_encoder"
 SAVED_NAME = "prompt_embeddings"  # PEFT's name for the folded prefix, (m, L*2*H_kv*d)
+SHAPE_FIELDS = ("num_layers", "num_attention_heads", "token_dim")  # adapter_config.json: (L, H_kv, H_kv*d)
 DISABLES_TO_BASE = True
 
 
@@ -257,17 +260,18 @@ def load(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> 
         )
     if config.get("num_transformer_submodules", 1) != 1:
         raise TunelabError(f"{adapter_dir}: encoder-decoder prefixes are not supported")
+    expected = tuple(config_field(config, adapter_dir, key, "int") for key in SHAPE_FIELDS)
+    m = config_field(config, adapter_dir, "num_virtual_tokens", "int")
+    options = options_from_config(Options, {"num_virtual_tokens": m}, adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     num_layers, num_kv_heads, head_dim = kv_shape(model)
-    expected = (config["num_layers"], config["num_attention_heads"], config["token_dim"])
     found = (num_layers, num_kv_heads, num_kv_heads * head_dim)
     if expected != found:
         raise TunelabError(
             f"{adapter_dir}: prefix for (layers, kv heads, token_dim) = {expected}, but {type(model).__name__} "
             f"has {found}"
         )
-    m = config["num_virtual_tokens"]
-    apply(model, Options(num_virtual_tokens=m))
+    apply(model, options)
     folded_view = model.prefix_encoder.prefix.detach().view(m, -1)  # (m, L*2*H*d), shares storage
     load_into({SAVED_NAME: folded_view}, tensors, str(adapter_dir / WEIGHTS_FILE))
     if not trainable:

@@ -141,26 +141,98 @@ def save_checkpoint(
     return final
 
 
+def _broken(path: Path, problem: str) -> TunelabError:
+    """The error about checkpoint file `path` (or folder): what is wrong, and the way out."""
+    return TunelabError(
+        f"checkpoint {path}: {problem}; delete the checkpoint folder to resume from the one before"
+    )
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise _broken(path, "missing (the checkpoint is incomplete)")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _broken(path, f"not a readable safetensors file ({_one_line(error)})") from None
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise _broken(path, "missing (the checkpoint is incomplete)")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise _broken(path, f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise _broken(path, f"not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise _broken(
+            path, f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
+    except (ValueError, RecursionError) as error:
+        raise _broken(path, f"not valid JSON ({type(error).__name__})") from None
+
+
+def read_state(path: Path) -> dict:
+    """The checked `state.json` of checkpoint folder `path`: an object with an integer `step` >= 0
+    and an integer `data_position` >= 0; else a `TunelabError` naming the file."""
+    state_path = path / "state.json"
+    state = _read_json(state_path)
+    if not isinstance(state, dict):
+        raise _broken(state_path, f"must hold a JSON object, not a {type(state).__name__}")
+    for key in ("step", "data_position"):
+        value = state.get(key)
+        if value is None:
+            raise _broken(state_path, f"no {key!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _broken(state_path, f"{key!r} must be an integer >= 0, not {value!r}")
+    return state
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable weights, optimizer and RNG from `path`; return its `state.json`."""
+    """Restore trainable weights, optimizer and RNG from `path`; return its `state.json`.
+
+    Every file is read and checked before anything is restored: a missing, cut-short or unreadable
+    file, or a `state.json` without its step, is a `TunelabError` naming the file."""
+    state = read_state(path)
     weights_path = path / "trainable.safetensors"
+    weights = _read_tensors(weights_path)
+    opt_tensors = _read_tensors(path / "optimizer.safetensors")
+    meta_path = path / "optimizer.json"
+    meta = _read_json(meta_path)
+    try:
+        opt_state = _optimizer_from_files(opt_tensors, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        problem = f"does not match optimizer.safetensors ({type(error).__name__}: {_one_line(error)})"
+        raise _broken(meta_path, problem) from None
+    rng_path = path / "rng.safetensors"
+    rng = _read_tensors(rng_path)
     load_into(
         trainable_parameters(model),
-        load_file(weights_path),
+        weights,
         f"checkpoint {weights_path}",
         hint="was it made with another method config?",
         place=shard_like,  # under FSDP: this rank's shard of the whole saved tensor
     )
-    opt_state = _optimizer_from_files(
-        load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
-    )
     # Under FSDP each rank keeps its shard of the per-parameter tensors (exp_avg, ...).
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entry in opt_state["state"].items():
-        for key, value in entry.items():
-            if key != "step" and torch.is_tensor(value) and value.shape == params[index].shape:
-                entry[key] = shard_like(value, params[index])
-    optimizer.load_state_dict(opt_state)
-    state = json.loads((path / "state.json").read_text())
-    restore_rng(load_file(path / "rng.safetensors"), state)
+    try:
+        for index, entry in opt_state["state"].items():
+            for key, value in entry.items():
+                if key != "step" and torch.is_tensor(value) and value.shape == params[index].shape:
+                    entry[key] = shard_like(value, params[index])
+        optimizer.load_state_dict(opt_state)
+    except (IndexError, KeyError, ValueError) as error:
+        problem = f"does not fit this run's optimizer ({type(error).__name__}: {_one_line(error)})"
+        raise _broken(meta_path, problem) from None
+    try:
+        restore_rng(rng, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        problem = f"RNG states unusable ({type(error).__name__}: {_one_line(error)})"
+        raise _broken(rng_path, problem) from None
     return state

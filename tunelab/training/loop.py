@@ -180,6 +180,11 @@ class StepLoop:
         desc: str = "train",
     ):
         cfg = run.config.train
+        if run.is_main:
+            # The run's config.yaml is written once training starts (the model, the data and any
+            # checkpoint read): a run that fails before then leaves an earlier run's config.yaml
+            # in the same folder as it was.
+            (run.output_dir / "config.yaml").write_text(run.config_yaml)
         self.run, self.optimizer, self.steps, self.start_step = run, optimizer, steps, start_step
         self.evaluate = evaluate
         self.metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)

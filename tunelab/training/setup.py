@@ -138,9 +138,7 @@ def setup_run(config: RunConfig) -> Run:
     output_dir = Path(config.output_dir)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if is_main:
-        (output_dir / "config.yaml").write_text(config_yaml)
+    config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)  # written by StepLoop, see there
     model, tokenizer, method = prepare_model(config, parallel.device)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
