@@ -65,6 +65,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return parser.parse_args(argv)
 
 
+OUT_OF_MEMORY_ADVICE = (
+    "out of memory: lower train.batch_size (raise train.grad_accum to keep the batch) or "
+    "data.max_length, or set model.gradient_checkpointing=true or model.dtype=bfloat16; "
+    "the last checkpoint is intact"
+)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the machine or a device running out of memory (torch's OutOfMemoryError,
+    Python's MemoryError, or an allocator's "out of memory" RuntimeError)."""
+    import torch
+
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return "out of memory" in str(error).lower() or "can't allocate memory" in str(error).lower()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -76,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TunelabError as err:
         print(f"tunelab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        from tunelab.models import one_line
+
+        print(
+            f"tunelab {args.command}: error: {OUT_OF_MEMORY_ADVICE} ({one_line(error)[:300]})",
+            file=sys.stderr,
+        )
         return 2
     except Preempted as stop:
         print(f"tunelab {args.command}: {stop}; continue with --resume", file=sys.stderr)

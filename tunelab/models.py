@@ -69,8 +69,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     check_model_source(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {one_line(err)}") from None
+    if tokenizer.eos_token_id is None:
+        raise TunelabError(
+            f"the tokenizer of {name_or_path!r} has no end-of-sequence token: tunelab ends every example "
+            "with it and stops generation there; set eos_token in its tokenizer_config.json"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -288,3 +288,36 @@ def test_final_is_written_before_the_evaluation_that_fails(
     with pytest.raises(RuntimeError, match="evaluation broke"):
         tunelab.train(config)
     assert (tmp_path / "r" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_out_of_memory_is_one_line_with_advice(llama_dir, instruction_data, monkeypatch, tmp_path, capsys):
+    from tunelab.cli import main
+
+    def exhausted(run, tensors):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has 1 GiB free.")
+
+    monkeypatch.setattr(sft, "sft_loss", exhausted)
+    path = write_config(tmp_path / "c.yaml", sft_config(llama_dir, instruction_data[0], tmp_path / "r"))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "out of memory" in err and "train.batch_size" in err and "2.00 GiB" in err
+
+
+def test_a_tokenizer_without_eos_is_refused(llama_dir, tmp_path):
+    import shutil
+
+    from tunelab.models import load_tokenizer
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(llama_dir, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token"] = None
+    config_path.write_text(json.dumps(config))
+    special = folder / "special_tokens_map.json"
+    if special.exists():
+        tokens = json.loads(special.read_text())
+        tokens.pop("eos_token", None)
+        special.write_text(json.dumps(tokens))
+    with pytest.raises(TunelabError, match="no end-of-sequence token"):
+        load_tokenizer(str(folder))
