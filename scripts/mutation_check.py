@@ -369,7 +369,7 @@ MUTATIONS = [
         "packing-silently-ignored-by-dpo",
         "an option that does nothing for an objective says so",
         "tunelab/objectives/pairs.py",
-        "load_pairs",
+        "report_pairs",
         "    if run.config.data.packing:",
         "    if False:",
         ("tests/unit/test_config.py", "-k packing_ignored"),

@@ -321,3 +321,38 @@ def test_a_tokenizer_without_eos_is_refused(llama_dir, tmp_path):
         special.write_text(json.dumps(tokens))
     with pytest.raises(TunelabError, match="no end-of-sequence token"):
         load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
+def test_bad_data_fails_before_the_model_loads(llama_dir, tmp_path, monkeypatch, objective):
+    """A bad record must not wait for a large model's load: the data are read and checked first."""
+    from tunelab.config import load_config
+    from tunelab.errors import DataError
+    from tunelab.training import setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(setup, "load_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    good = {
+        "sft": '{"instruction": "a", "output": "b"}',
+        "dpo": '{"prompt": "a", "chosen": "b", "rejected": "c"}',
+    }
+    bad.write_text(good.get(objective, '{"prompt": "a"}') + "\n{not json\n")
+    objectives = {
+        "sft": {"name": "sft"},
+        "dpo": {"name": "dpo"},
+        "grpo": {"name": "grpo", "reward_functions": ["tunelab.rl.rewards:short_and_ended"]},
+    }
+    config = load_config(
+        None,
+        [],
+        model={"name_or_path": str(llama_dir)},
+        objective=objectives[objective],
+        data={"train": str(bad), "template": "alpaca"},
+        train={"progress": False},
+        output_dir=str(tmp_path / "r"),
+    )
+    with pytest.raises(DataError, match="record 2"):
+        tunelab.train(config)

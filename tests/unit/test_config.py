@@ -144,7 +144,7 @@ RLHF = ROOT / "data" / "rlhf"
 def test_packing_ignored_by_an_objective_says_so(llama_dir, tmp_path, capsys, objective, train_file, says):
     """`data.packing` does nothing for the objectives that pad pairs or rollouts: their set-up says
     so in one line (and says nothing without it)."""
-    from tunelab.objectives.pairs import load_pairs
+    from tunelab.objectives.pairs import read_pairs, report_pairs
     from tunelab.rl.online import OnlineRun
     from tunelab.training.setup import setup_run
 
@@ -161,6 +161,7 @@ def test_packing_ignored_by_an_objective_says_so(llama_dir, tmp_path, capsys, ob
         if objective["name"] == "grpo":
             OnlineRun.setup(config, answer="completion")
         else:
-            load_pairs(setup_run(config))
+            run = setup_run(config)
+            report_pairs(run, read_pairs(config, run.tokenizer))
         said = capsys.readouterr().out
         assert said.count(f"[tunelab] data.packing: true is {says}") == packing, said

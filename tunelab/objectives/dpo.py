@@ -27,8 +27,8 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.logprobs import sequence_logprobs
 from tunelab.losses.dpo import dpo_loss
-from tunelab.models import disable_dropout
-from tunelab.objectives.pairs import held_out_pair_figures, load_pairs, pair_batches
+from tunelab.models import disable_dropout, load_tokenizer
+from tunelab.objectives.pairs import held_out_pair_figures, pair_batches, read_pairs, report_pairs
 from tunelab.reference import Reference, reference_sequence_logprobs
 from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
@@ -53,9 +53,11 @@ def run(config: RunConfig) -> dict:
     """Train a policy with DPO; returns the summary written to `summary.json`."""
     # Set-up: the policy with its method, the pairs, the reference policy, the optimizer.
     cfg, options = config.train, config.objective.options
-    run = setup_run(config)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    data = read_pairs(config, tokenizer)  # every pair checked before the model loads
+    run = setup_run(config, tokenizer)
     model = run.model
-    data = load_pairs(run)
+    report_pairs(run, data)
     disable_dropout(model)
     reference = Reference(model, run.method, run.dist.frozen_copy)
     run.print(f"[tunelab] reference policy: {reference.kind}")

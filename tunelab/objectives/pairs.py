@@ -11,23 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream, to_device
 from tunelab.data.preference import PairExample, PreferenceData, pad_pairs, prepare_preferences
 from tunelab.training.loop import MicroBatch
 from tunelab.training.setup import Run, report_data
 
 
-def load_pairs(run: Run) -> PreferenceData:
-    """Read, check and tokenise the run's preference pairs (`data.*`), and report them (and that
-    `data.packing` does not apply: pairs are padded)."""
-    data = prepare_preferences(run.config.data, run.tokenizer, seed=run.config.train.seed)
+def read_pairs(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> PreferenceData:
+    """Read, check and tokenise the run's preference pairs (`data.*`), before the model loads."""
+    return prepare_preferences(config.data, tokenizer, seed=config.train.seed)
+
+
+def report_pairs(run: Run, data: PreferenceData) -> None:
+    """Say what the run reads (and that `data.packing` does not apply: pairs are padded)."""
     eval_count = len(data.eval) if data.eval else 0
     report_data(run, len(data.train), eval_count, "pairs", f"template {data.template}", data.notes)
     if run.config.data.packing:
         objective = run.config.objective.name
         run.print(f"[tunelab] data.packing: true is ignored by objective {objective}; pairs are padded")
-    return data
 
 
 def pair_batches(run: Run, pairs: list[PairExample], position: int) -> Iterator[MicroBatch]:

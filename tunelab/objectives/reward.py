@@ -26,7 +26,8 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
-from tunelab.objectives.pairs import held_out_pair_figures, load_pairs, pair_batches
+from tunelab.models import load_tokenizer
+from tunelab.objectives.pairs import held_out_pair_figures, pair_batches, read_pairs, report_pairs
 from tunelab.rl.reward_model import REWARD_HEAD, attach_head, detach_head, save_reward_head, sequence_rewards
 from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
@@ -48,8 +49,10 @@ def run(config: RunConfig) -> dict:
     """Train a reward model; returns the summary written to `summary.json`."""
     # Set-up: the model with its method and a scalar head, the pairs, the optimizer.
     cfg, options = config.train, config.objective.options
-    run = setup_run(config)
-    data = load_pairs(run)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    data = read_pairs(config, tokenizer)  # every pair checked before the model loads
+    run = setup_run(config, tokenizer)
+    report_pairs(run, data)
     head = attach_head(run.model, REWARD_HEAD)
     center = options.center_coefficient or 0.0
     if not center:  # b cancels in r_c - r_r: its gradient is exactly 0, Adam would move it on rounding noise

@@ -25,6 +25,7 @@ from tunelab.kernels import cpu_attention
 from tunelab.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
 from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
+from tunelab.models import load_tokenizer
 from tunelab.training.loop import MicroBatch, StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
 from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
@@ -37,11 +38,12 @@ class Options:
 
 def run(config: RunConfig) -> dict:
     """Train a model with the SFT objective; returns the summary written to `summary.json`."""
-    # Set-up: the model with its method, the data, the optimizer.
+    # Set-up: the data, the model with its method, the optimizer.
     cfg = config.train
-    run = setup_run(config)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    data = prepare_data(config.data, tokenizer, seed=cfg.seed)  # every record checked before the model loads
+    run = setup_run(config, tokenizer)
     model = run.model
-    data = prepare_data(config.data, run.tokenizer, seed=cfg.seed)
     eval_count = len(data.eval.examples) if data.eval else 0
     details = f"format {data.format}, template {data.template}"
     report_data(run, len(data.train.examples), eval_count, "examples", details, data.notes)

@@ -18,7 +18,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import PromptData, PromptExample, prepare_prompts
-from tunelab.models import disable_dropout
+from tunelab.models import disable_dropout, load_tokenizer
 from tunelab.rl.rewards import Rewards, check_reward_spec
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
 from tunelab.training.loop import LoopResult
@@ -92,8 +92,11 @@ class OnlineRun:
         apply: rollouts are padded), load the rewards, turn dropout off (the policy, its rollouts
         and the reference must agree)."""
         options = config.objective.options
-        run = setup_run(config)
-        data = prepare_prompts(config.data, run.tokenizer, seed=config.train.seed)
+        tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+        data = prepare_prompts(
+            config.data, tokenizer, seed=config.train.seed
+        )  # checked before the model loads
+        run = setup_run(config, tokenizer)
         eval_count = len(data.eval) if data.eval else 0
         report_data(run, len(data.train), eval_count, "prompts", f"template {data.template}", data.notes)
         if config.data.packing:

@@ -80,8 +80,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_model(config: RunConfig, device: torch.device | None = None):
-    """Load model + tokenizer and apply the method: (model, tokenizer, method module)."""
+def prepare_model(
+    config: RunConfig, device: torch.device | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+):
+    """Load model (+ tokenizer, unless given) and apply the method: (model, tokenizer, method module)."""
     device = device or resolve_device(config.model.device)
     if device.type == "cpu":
         # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
@@ -89,7 +91,7 @@ def prepare_model(config: RunConfig, device: torch.device | None = None):
         # BENCHMARKS.md). 64 keeps every reuse within a step. Read once, at the first matmul of the
         # process; a value set by the user wins.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     model = load_model(
         config.model.name_or_path,
         dtype=config.model.dtype,
@@ -128,10 +130,12 @@ def compile_blocks(model: PreTrainedModel) -> None:
         layer.compile(dynamic=True)
 
 
-def setup_run(config: RunConfig) -> Run:
-    """Seed, create the output folder, load and transform the model. Under torchrun, join the
-    process group first; the recipe makes the model data-parallel (`run.dist.wrap`) once it is
-    complete (heads attached, reference copy made)."""
+def setup_run(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> Run:
+    """Seed, create the output folder, load and transform the model (with `tokenizer`, which the
+    recipes load first to read and check their data before the model loads: a bad record fails in
+    seconds, not after a large model's load). Under torchrun, join the process group first; the
+    recipe makes the model data-parallel (`run.dist.wrap`) once it is complete (heads attached,
+    reference copy made)."""
     parallel = distributed.init(config)
     is_main = parallel.is_main
     seed_everything(config.train.seed)
@@ -139,7 +143,7 @@ def setup_run(config: RunConfig) -> Run:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)  # written by StepLoop, see there
-    model, tokenizer, method = prepare_model(config, parallel.device)
+    model, tokenizer, method = prepare_model(config, parallel.device, tokenizer)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
     run = Run(config, model, tokenizer, method, device, output_dir, config_yaml, is_main, parallel, scaler)
