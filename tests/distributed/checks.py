@@ -65,3 +65,37 @@ def fsdp_reference_generate_and_gather(folder: str, model_dir: str) -> None:
             "model_equal": all(torch.equal(whole[k], base[k]) for k in base),
         }
         (Path(folder) / "fsdp_reference_generate_and_gather.json").write_text(json.dumps(result))
+
+
+def a_signal_on_one_rank_stops_every_rank(folder: str, config_path: str) -> None:
+    """SIGUSR1 reaches rank 1 only, during step 2: every rank ends step 2, the checkpoint of step 2
+    is written, and every rank raises `Preempted` for step 2 (each rank asks the others after every
+    step, so none goes on into a collective of step 3 alone)."""
+    import os
+    import signal
+
+    import tunelab
+    from tunelab.errors import Preempted
+    from tunelab.training import loop
+
+    rank = torch.distributed.get_rank()
+    original = loop.StepLoop.end_step
+
+    def end_step(self, step, figures, data_position):
+        if step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, step, figures, data_position)
+
+    loop.StepLoop.end_step = end_step
+    try:
+        tunelab.train(load_config(config_path))
+        stopped = None
+    except Preempted as stop:
+        stopped = {"step": stop.step, "checkpoint": str(stop.checkpoint), "signal": stop.signal_name}
+    finally:
+        loop.StepLoop.end_step = original
+    assert stopped is not None and stopped["step"] == 2, stopped
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, stopped)
+    if rank == 0:
+        (Path(folder) / "preemption.json").write_text(json.dumps(everyone))

@@ -80,8 +80,15 @@ def runs(tiny_model_dirs, instruction_data, tmp_path_factory):
     ]
     checks = "tests.distributed.checks:fsdp_reference_generate_and_gather"
     plan.append({"call": checks, "args": [str(root), str(model_dir)]})
+    preempted = write_config(config("ddp_preempted", *two, "train.strategy=ddp"), root / "ddp_preempted.yaml")
+    plan.append(
+        {
+            "call": "tests.distributed.checks:a_signal_on_one_rank_stops_every_rank",
+            "args": [str(root), preempted],
+        }
+    )
     output = launch(plan, root)
-    return root, output, len(jobs)  # + 1 setup_run in the check
+    return root, output, len(jobs)  # + 1 setup_run in the check, + 1 preempted run (no summary)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -195,5 +202,17 @@ def test_fsdp_reference_copy_generation_and_gathering(runs):
 def test_only_rank_zero_prints(runs):
     """Each run's report lines appear once, not once per rank."""
     _, output, jobs = runs
-    assert output.count("[tunelab] method ") == jobs + 1  # the check sets up a run too
+    assert output.count("[tunelab] method ") == jobs + 2  # the two checks set up runs too
     assert output.count("final_dir=") == jobs
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs):
+    """SIGUSR1 on rank 1 alone (tests/distributed/checks.py): both ranks stop after step 2 with
+    the checkpoint of step 2, written in the single-device format."""
+    root, _, _ = runs
+    stops = json.loads((root / "preemption.json").read_text())
+    assert [s["step"] for s in stops] == [2, 2]
+    assert stops[1]["signal"] == "SIGUSR1" and stops[0]["signal"] != "SIGUSR1"
+    assert all(s["checkpoint"].endswith("step-2") for s in stops)
+    assert (root / "ddp_preempted" / "checkpoints" / "step-2" / "trainable.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(root / "ddp_preempted")] == [1, 2]
