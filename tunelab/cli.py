@@ -13,7 +13,7 @@ import os
 import sys
 
 from tunelab import __version__
-from tunelab.errors import Preempted, TunelabError
+from tunelab.errors import Preempted, TunelabError, one_line
 
 COMMANDS = ["train", "eval", "generate", "demo", "merge", "inspect", "score"]
 
@@ -97,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as error:
         if not out_of_memory(error):
             raise
-        from tunelab.models import one_line
-
         print(
             f"tunelab {args.command}: error: {OUT_OF_MEMORY_ADVICE} ({one_line(error)[:300]})",
             file=sys.stderr,

@@ -1,6 +1,12 @@
 """Errors a user can act on. The CLI prints them as one clear message, without a traceback."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (libraries' loading errors put their hints on lines of
+    their own), or its type's name when it has no message."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 class TunelabError(Exception):
     """A problem with the user's input (config, data, model path), explained in the message."""
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, one_line
 
 # transformers' own per-file progress bars (loading/writing shards) would interleave with ours.
 hf_logging.disable_progress_bar()
@@ -48,12 +48,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def _looks_like_local_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-
-
-def one_line(error: Exception) -> str:
-    """An exception's message on one line: transformers' loading errors put their hint (check
-    your connection, the offline mode) on a line of its own."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def check_model_source(name_or_path: str) -> None:

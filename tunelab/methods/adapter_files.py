@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, one_line
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -112,7 +112,3 @@ def read_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
         return load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
         raise TunelabError(f"{weights_path}: not a readable safetensors file ({one_line(err)})") from None
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

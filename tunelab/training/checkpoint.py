@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, one_line
 from tunelab.methods import trainable_parameters
 from tunelab.training.distributed import full_tensor, shard_like
 from tunelab.training.rng import restore_rng, rng_states
@@ -148,17 +148,13 @@ def _broken(path: Path, problem: str) -> TunelabError:
     )
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise _broken(path, "missing (the checkpoint is incomplete)")
     try:
         return load_file(path)
     except (SafetensorError, OSError) as error:
-        raise _broken(path, f"not a readable safetensors file ({_one_line(error)})") from None
+        raise _broken(path, f"not a readable safetensors file ({one_line(error)})") from None
 
 
 def _read_json(path: Path):
@@ -208,7 +204,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         opt_state = _optimizer_from_files(opt_tensors, meta)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        problem = f"does not match optimizer.safetensors ({type(error).__name__}: {_one_line(error)})"
+        problem = f"does not match optimizer.safetensors ({type(error).__name__}: {one_line(error)})"
         raise _broken(meta_path, problem) from None
     rng_path = path / "rng.safetensors"
     rng = _read_tensors(rng_path)
@@ -228,11 +224,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     entry[key] = shard_like(value, params[index])
         optimizer.load_state_dict(opt_state)
     except (IndexError, KeyError, ValueError) as error:
-        problem = f"does not fit this run's optimizer ({type(error).__name__}: {_one_line(error)})"
+        problem = f"does not fit this run's optimizer ({type(error).__name__}: {one_line(error)})"
         raise _broken(meta_path, problem) from None
     try:
         restore_rng(rng, state)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        problem = f"RNG states unusable ({type(error).__name__}: {_one_line(error)})"
+        problem = f"RNG states unusable ({type(error).__name__}: {one_line(error)})"
         raise _broken(rng_path, problem) from None
     return state
