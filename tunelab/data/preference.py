@@ -262,6 +262,17 @@ def _encode_pairs(
     return examples, dropped, truncated
 
 
+def _encode_split(pairs, tokenizer, template: str, max_length: int, role: str, notes: list[str]):
+    """The pairs of one split (`role`: training or eval) tokenised, with a note of how many were
+    truncated or dropped (a response cut away by max_length) added to `notes`."""
+    encoded, dropped, truncated = _encode_pairs(pairs, tokenizer, template, max_length)
+    if truncated:
+        notes.append(f"truncated {truncated} of {len(pairs)} {role} pairs to {max_length} tokens")
+    if dropped:
+        notes.append(f"dropped {dropped} {role} pairs with a response cut away by max_length")
+    return encoded
+
+
 def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreferenceData:
     """Read, check, split and tokenise the preference pairs of a run."""
 
@@ -270,20 +281,12 @@ def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, see
 
     train_pairs, eval_pairs, notes = _train_and_eval(cfg, "preference", check, seed)
     template = choose_template(cfg.template, tokenizer)
-    train, dropped, truncated = _encode_pairs(train_pairs, tokenizer, template, cfg.max_length)
-    if truncated:
-        notes.append(f"truncated {truncated} of {len(train_pairs)} training pairs to {cfg.max_length} tokens")
-    if dropped:
-        notes.append(f"dropped {dropped} training pairs with a response cut away by max_length")
+    train = _encode_split(train_pairs, tokenizer, template, cfg.max_length, "training", notes)
     if not train:
         raise DataError(cfg.train, None, None, "no preference pair has both responses within max_length")
     held_out = None
     if eval_pairs:
-        held_out, dropped, truncated = _encode_pairs(eval_pairs, tokenizer, template, cfg.max_length)
-        if truncated:
-            notes.append(f"truncated {truncated} of {len(eval_pairs)} eval pairs to {cfg.max_length} tokens")
-        if dropped:
-            notes.append(f"dropped {dropped} eval pairs with a response cut away by max_length")
+        held_out = _encode_split(eval_pairs, tokenizer, template, cfg.max_length, "eval", notes)
         if not held_out:
             problem = "no eval pair has both responses within max_length: the eval set is empty"
             raise DataError(eval_source(cfg), None, None, problem)
