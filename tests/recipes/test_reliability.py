@@ -3,6 +3,7 @@ writes, devices that do not exist, and an evaluation that fails after training."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,29 +221,26 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_exact(llama_dir, instruction_
 # ---------------------------------------------------------------- failed writes
 
 
-@pytest.fixture
-def file_size_limit():
-    """Set a file-size limit (bytes) for this process, SIGXFSZ ignored so that a write past it
-    fails with EFBIG instead of killing the process; the limit is lifted afterwards."""
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Limit file writes of this process to `size` bytes, SIGXFSZ ignored so that a write past it
+    fails with EFBIG instead of killing the process. The limit covers the `with` body only: it is
+    process-wide, so it must be lifted before pytest writes its report (CI sends that to a file)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
-    def limit(size: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
 
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, handler)
-
-
-def test_a_failed_checkpoint_write_keeps_the_previous_one(
-    llama_dir, instruction_data, tmp_path, file_size_limit
-):
+def test_a_failed_checkpoint_write_keeps_the_previous_one(llama_dir, instruction_data, tmp_path):
     run = setup_run(sft_config(llama_dir, instruction_data[0], tmp_path / "r"))  # full: large files
     optimizer = build_optimizer(run.model, run.config.train)
     save_checkpoint(run.output_dir, 2, run.model, optimizer, 2, run.config_yaml, keep_last=2)
-    file_size_limit(4096)
-    with pytest.raises(TunelabError) as error:
+    with file_size_limit(4096), pytest.raises(TunelabError) as error:
         save_checkpoint(run.output_dir, 4, run.model, optimizer, 4, run.config_yaml, keep_last=2)
     message = str(error.value)
     assert "step-4" in message and "File too large" in message and "step-2" in message and "\n" not in message
@@ -251,12 +249,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
     assert load_checkpoint(run.output_dir / "checkpoints" / "step-2", run.model, optimizer)["step"] == 2
 
 
-def test_a_failed_final_write_keeps_the_earlier_final(llama_dir, instruction_data, tmp_path, file_size_limit):
+def test_a_failed_final_write_keeps_the_earlier_final(llama_dir, instruction_data, tmp_path):
     run = setup_run(sft_config(llama_dir, instruction_data[0], tmp_path / "r"))
     first = save_final(run)
     before = sorted(p.name for p in first.iterdir())
-    file_size_limit(4096)
-    with pytest.raises(TunelabError, match=r"could not write the final model .*final.*File too large"):
+    failure = r"could not write the final model .*final.*File too large"
+    with file_size_limit(4096), pytest.raises(TunelabError, match=failure):
         save_final(run)
     assert sorted(p.name for p in first.iterdir()) == before
     assert not (tmp_path / "r" / "final.tmp").exists()
