@@ -15,7 +15,7 @@ import sys
 from tunelab import __version__
 from tunelab.errors import Preempted, TunelabError, one_line
 
-COMMANDS = ["train", "eval", "generate", "demo", "merge", "inspect", "score"]
+COMMANDS = ["train", "eval", "generate", "demo", "merge", "export", "push", "inspect", "score"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -26,9 +26,27 @@ from tunelab.errors import ConfigError
 
 
 @dataclass
+class QuantizationConfig:
+    bits: Literal[4, 8] | None = None
+    """Quantise the frozen base to 4 or 8 bits with bitsandbytes (QLoRA); null keeps full precision.
+    Embeddings and the LM head stay unquantised. Only lora, adapter and prefix train on a quantised base."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: `nf4` (NormalFloat, QLoRA's choice for normally distributed weights) or `fp4`."""
+    double_quant: bool = False
+    """4 bits: quantise the per-block scales too (about 0.4 bits per weight less)."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """4 bits: dtype the weights are dequantised to for each matmul (`bfloat16` on a GPU that has it)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""
-    """Hugging Face hub id (e.g. `Qwen/Qwen2.5-0.5B`) or local model folder."""
+    """Hugging Face hub id (e.g. `Qwen/Qwen2.5-0.5B`) or local model folder; or an earlier tunelab run
+    (its folder, its `final/`, or any adapter folder), which the run then starts from (`earlier_adapter`)."""
+    earlier_adapter: Literal["merge", "continue"] = "merge"
+    """When `name_or_path` is an earlier adapter run: `merge` folds a LoRA adapter into the weights in
+    memory (other adapters stay applied, frozen) and the method applies on top, so the reference policy
+    is the earlier run's model; `continue` trains the earlier adapter itself further (same method)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the weights are loaded in. Trainable parameters are kept in float32 when `train.precision`
     is `bf16`/`fp16` autocast; see `train.precision`."""
@@ -40,6 +58,8 @@ class ModelConfig:
     """Override the attention kernel (`eager`, `sdpa`, `flash_attention_2`); default: transformers' choice."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    """Load the frozen base quantised (bitsandbytes): `bits`, `quant_type`, `double_quant`, `compute_dtype`."""
 
 
 @dataclass
@@ -52,17 +72,65 @@ class MethodConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["sft", "reward", "dpo", "ppo", "grpo"] = "sft"
-    """Training objective (the training loop): supervised fine-tuning, reward model, DPO, PPO, GRPO."""
+    name: Literal["sft", "reward", "dpo", "kto", "ppo", "grpo"] = "sft"
+    """Training objective (the training loop): supervised fine-tuning, reward model, DPO (and IPO,
+    SimPO, ORPO), KTO, PPO, GRPO."""
     options: Any = None
     """The objective's own options (the other keys of the `objective:` section)."""
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture (an item of the list `data.train` or `data.eval`)."""
+
+    path: str = ""
+    """A local .jsonl/.json/.csv/.parquet file, a glob of them (`data/*.jsonl`), a local folder that
+    `datasets.load_dataset` reads (a hub-style data set), or a hub data set id (`openai/gsm8k`)."""
+    subset: str | None = None
+    """The hub data set's subset (its configuration name, e.g. `main` for gsm8k)."""
+    split: str | None = None
+    """The split to read (unset: `data.split` for training sources, the eval split for eval sources)."""
+    revision: str | None = None
+    """The hub data set's revision (a branch, tag or commit); pin it for reproducible runs."""
+    data_files: list[str] | None = None
+    """Files of the hub data set (or local folder) to read, as `datasets.load_dataset(data_files=...)`."""
+    format: (
+        Literal["auto", "instruction", "chat", "prompt_completion", "text", "preference", "prompt"] | None
+    ) = None
+    """This source's record format (unset: `data.format`)."""
+    columns: dict[str, str] | None = None
+    """Rename columns before reading the records: `{question: instruction, answer: output}`. A record
+    lacking a mapped column is a bad record."""
+    weight: float | None = None
+    """Take round(weight x records of the source) records: 2 repeats every record twice, 0.5 takes a
+    seeded half. Unset (and no `records`): every record once."""
+    records: int | None = None
+    """Take exactly this many records (a seeded sample; repeats when above the source's size)."""
+    streaming: bool = False
+    """Stream a hub data set instead of downloading it whole: records come through a seeded shuffle
+    buffer (`shuffle_buffer`); with `records` only that many are read."""
+    shuffle_buffer: int = 10000
+    """Records in the shuffle buffer of a streamed source."""
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("path: must name a file, a glob, a folder or a hub data set")
+        if self.weight is not None and self.records is not None:
+            raise ValueError("give weight or records, not both")
+        if self.weight is not None and not self.weight > 0:
+            raise ValueError(f"weight: must be positive, got {self.weight}")
+        if self.records is not None and self.records < 1:
+            raise ValueError(f"records: must be at least 1, got {self.records}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer: must be at least 1, got {self.shuffle_buffer}")
+
+
+@dataclass
 class DataConfig:
-    train: str = ""
-    """Training data: a local .jsonl/.json/.csv/.parquet file, or a hub data set id (`tatsu-lab/alpaca`)."""
-    eval: str | None = None
+    train: str | list[SourceConfig] = ""
+    """Training data: a local .jsonl/.json/.csv/.parquet file, or a hub data set id (`tatsu-lab/alpaca`);
+    or a list of sources (see `SourceConfig`), mixed by their `weight` / `records`."""
+    eval: str | list[SourceConfig] | None = None
     """Held-out data (same forms as `train`). If unset, `eval_fraction` of the training records is held out."""
     eval_fraction: float = 0.0
     """Fraction of training records held out for evaluation when `eval` is unset (0 disables)."""
@@ -95,6 +163,13 @@ class DataConfig:
     where it cannot be built). False keeps PyTorch's SDPA, one call per example."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); order stays seeded and resumable."""
+    chat_template: str | None = None
+    """A Jinja chat template (the text, or the path of a file holding it) used instead of the
+    tokenizer's own, for training and generation alike."""
+    cache_dir: str | None = "~/.cache/tunelab/tokens"
+    """Folder of the token cache: tokenised data are kept there (memory-mapped), keyed by a hash of
+    the sources' contents, the tokenizer, the template and every data option, and reused by the next
+    run and by every rank. Unset (null): tokenise in memory on every run."""
 
 
 @dataclass
@@ -155,6 +230,16 @@ class TrainConfig:
     """Target positions per chunk of the chunked loss."""
     compile: bool = False
     """Run the model through `torch.compile`."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
+    """Experiment trackers that receive every `metrics.jsonl` row (same step), the resolved config
+    as the run's parameters and the `eval.sample_prompts` samples (tunelab/trackers.py). A missing
+    package stops the run as it starts, naming what to install. TensorBoard events are written to
+    `tensorboard/` whenever tensorboard is installed; listing it makes it required."""
+
+    def __post_init__(self):
+        from tunelab.trackers import check_installed  # a missing tracker fails before any data or model loads
+
+        check_installed(self.report_to)
 
 
 @dataclass
@@ -167,6 +252,10 @@ class EvalConfig:
     """Generate for at most this many eval records (unset: all)."""
     batch_size: int = 32
     """Prompts generated together."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts answered greedily (`max_new_tokens`) at every evaluation (`train.eval_every`) of an
+    SFT run, rendered like `tunelab generate --prompt`; written to `samples.jsonl` (step, prompt,
+    completion) and to the `train.report_to` trackers."""
 
 
 @dataclass
@@ -226,8 +315,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
         return {_convert(k, args[0], key): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        raise AssertionError("nested dataclasses are handled by _build")
+    if dataclasses.is_dataclass(tp):  # an item of a list of sections (data.train's sources)
+        return build_dataclass(tp, value, key, "")
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
@@ -271,6 +360,8 @@ def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
             kwargs[name] = _convert(value, tp, full)
         except ValueError as err:
             raise ConfigError(f"{full}: {err} {where}".strip()) from None
+        except ConfigError as err:  # from a section inside a list, which does not know the file
+            raise ConfigError(f"{err} {where}".strip()) from None
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -331,6 +422,12 @@ def _check_run(config: RunConfig, source: str) -> None:
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"{key}: {problem} {where}".strip())
+    if config.model.quantization.bits is not None and config.method.name in ("full", "partial"):
+        problem = (
+            f"cannot train method.name: {config.method.name} (its base weights train, and quantised "
+            "weights cannot); use lora, adapter or prefix, or set model.quantization.bits: null"
+        )
+        raise ConfigError(f"model.quantization.bits: {problem} {where}".strip())
     if config.data.packing and config.method.name == "prefix" and config.objective.name == "sft":
         problem = (
             "cannot be used with method.name: prefix (prefix tuning's prefix is a key/value cache "
