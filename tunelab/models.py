@@ -13,7 +13,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from tunelab.config import QuantizationConfig
 from tunelab.errors import TunelabError, one_line
+from tunelab.export.gguf_in import gguf_source, plain_model
 
 # transformers' own per-file progress bars (loading/writing shards) would interleave with ours.
 hf_logging.disable_progress_bar()
@@ -62,7 +64,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     """Load a tokenizer; give it a pad token (its EOS) when it has none."""
     check_model_source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        source, gguf_file = gguf_source(name_or_path)  # a .gguf file: its folder + gguf_file=NAME
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     except (OSError, ValueError) as err:
         raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {one_line(err)}") from None
     if tokenizer.eos_token_id is None:
@@ -81,18 +84,38 @@ def load_model(
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quantization: QuantizationConfig | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM in `dtype` onto `device` (see `resolve_device`)."""
+    """Load a causal LM in `dtype` onto `device` (see `resolve_device`).
+
+    With `quantization.bits` (4 or 8) the linear layers of the decoder blocks are quantised by
+    bitsandbytes as each tensor is read (`tunelab.quantization`); the rest stays in `dtype`.
+    """
     check_model_source(name_or_path)
     if dtype not in DTYPES:
         raise TunelabError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    quantized = quantization is not None and quantization.bits is not None
+    if quantized:
+        from tunelab.quantization import bnb_config
+
+        device = resolve_device(device) if isinstance(device, str) else device
+        # Quantised on the device as each tensor is read; a quantised model cannot move after.
+        kwargs["quantization_config"] = bnb_config(quantization)
+        kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        source, gguf_file = gguf_source(name_or_path)  # a .gguf file: its folder + gguf_file=NAME
+        model = plain_model(AutoModelForCausalLM.from_pretrained(source, **kwargs, **gguf_file))
     except (OSError, ValueError) as err:  # ValueError: a config.json transformers cannot place
         raise TunelabError(f"cannot load a model from {name_or_path!r}: {one_line(err)}") from None
+    if quantized:
+        from tunelab.quantization import keep_standard_layout
+
+        for module in model.modules():
+            keep_standard_layout(module)
+        return model
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device)
 

@@ -293,8 +293,12 @@ def test_load_refuses_what_it_cannot_read(tiny_model_dirs, tmp_path):
     lora.save(model, options, tmp_path, str(tiny_model_dirs["llama"]))
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(TunelabError, match="lora_bias=True is not supported"):
+        lora.load(load(tiny_model_dirs["llama"]), tmp_path)
+    # DoRA loads (test_dora.py), but its files must hold the magnitude vectors.
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(TunelabError, match="use_dora=True is not supported"):
+    with pytest.raises(TunelabError, match="adapter_config.json: use_dora is true, but adapter_model"):
         lora.load(load(tiny_model_dirs["llama"]), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
 

@@ -102,6 +102,13 @@ CASES = [
         _lora_owns,
         merges=True,
     ),
+    Case(
+        "lora",
+        "dora",
+        lambda arch: lora.Options(r=4, alpha=8, target_modules="all-linear", use_dora=True),
+        lambda name: _lora_owns(name) or name.endswith(".lora_magnitude_vector"),
+        merges=True,
+    ),
     *[
         Case(
             "adapter",
@@ -228,6 +235,7 @@ def formula(model: torch.nn.Module, row: Row) -> int:
     layers, d = config.num_hidden_layers, config.hidden_size
     if row.case.method == "lora":
         low_rank = sum(m.r * (m.in_features + m.out_features) for m in lora.lora_layers(model).values())
+        low_rank += sum(m.out_features for m in lora.lora_layers(model).values() if m.use_dora)  # DoRA's m
         copies = sum(
             p.numel() for m in lora.saved_modules(model).values() for p in m.trained_module.parameters()
         )

@@ -16,6 +16,13 @@ parameter names read `...q_proj.base_layer.weight`, `...q_proj.lora_A.weight`,
 `...q_proj.lora_B.weight`, as in PEFT. Fused projections (Phi-3's `qkv_proj`, `gate_up_proj`) are
 plain `nn.Linear` layers and are wrapped as one matrix.
 
+`use_dora` turns each wrapped layer into DoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||_c
+with a trained magnitude m per output row (maths in `tunelab.methods.lora_layer`). On a quantised
+base (`model.quantization`, QLoRA) the targets are bitsandbytes' `Linear4bit`/`Linear8bitLt`
+layers, wrapped the same way; the base stays quantised and frozen, and `disabled` gives it back
+(the reference policy, no second copy). Merging needs a full-precision base (`tunelab merge`
+reloads one).
+
 `modules_to_save` names modules trained in full (e.g. `lm_head`, `embed_tokens`, a reward head
 `score`): each becomes a `SavedModule` holding the frozen original and a trainable copy.
 """
@@ -62,6 +69,8 @@ class Options:
     """Initialisation of A: Kaiming-uniform (a = sqrt 5, the paper's code) or N(0, 1/r). B starts at 0."""
     bias: Literal["none"] = "none"
     """Which biases train: only `none` is implemented (biases stay frozen)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output row, W' = m (W + s B A) / ||W + s B A|| (Liu et al. 2024)."""
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
@@ -175,6 +184,7 @@ def apply(model: nn.Module, options: Options) -> None:
             dropout=options.dropout,
             use_rslora=options.use_rslora,
             init=options.init,
+            use_dora=options.use_dora,
         )
         _replace(model, name, layer)
     for name in to_save:
@@ -209,7 +219,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every update into its base weight, W <- W + s B A. Idempotent."""
+    """Fold every update into its base weight, W <- W + s B A (DoRA: W <- m (W + s B A) / n).
+    Idempotent. A `TunelabError` on a quantised base (see `tunelab.methods.lora_layer`)."""
     _require_lora(model, "merge")
     for layer in lora_layers(model).values():
         layer.merge()
@@ -259,6 +270,7 @@ def save(model: nn.Module, options: Options, out_dir: Path, base_model: str) -> 
         base_model=str(base_model),
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
         task_type=_task_type(model),
+        use_dora=options.use_dora,
     )
     write_adapter_folder(Path(out_dir), config, adapter_tensors(model))
 
@@ -275,6 +287,7 @@ def options_from_peft_config(config: dict, adapter_dir: Path) -> Options:
         "use_rslora": bool(config.get("use_rslora", False)),
         "modules_to_save": [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save),
         "init": "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        "use_dora": bool(config.get("use_dora", False)),
     }
     return options_from_config(Options, values, adapter_dir)
 

@@ -7,7 +7,11 @@ A folder holds two files (written and read by `tunelab.methods.adapter_files`):
   `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r) for every
   wrapped layer, and `base_model.model.<module path>.<param>` (e.g. `base_model.model.lm_head.weight`)
   for every module in `modules_to_save`, as PEFT 0.21 writes them (it drops the `.default` adapter
-  name and the `modules_to_save.default` level).
+  name and the `modules_to_save.default` level); with DoRA (`use_dora: true`) also
+  `base_model.model.<module path>.lora_magnitude_vector` (out,) for every wrapped layer.
+
+A QLoRA adapter (trained on a quantised base) is the same files: only A, B (and m) are saved, never
+the base, so it loads on the full-precision base and on a quantised one alike.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
-from tunelab.methods.adapter_files import CONFIG_FILE, config_field, read_adapter_config, read_adapter_weights
+from tunelab.methods.adapter_files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    config_field,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from tunelab.methods.lora_layer import LoRALinear, SavedModule
 
 PREFIX = "base_model.model."
@@ -27,7 +37,6 @@ PEFT_VERSION = "0.21.2"
 # PEFT options that change the maths, with the (off) values we write; a file that turns one of them
 # on is refused rather than loaded wrongly.
 UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
     "lora_bias": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -50,6 +59,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoRALinear):
             live[f"{PREFIX}{name}.lora_A.weight"] = module.lora_A.weight
             live[f"{PREFIX}{name}.lora_B.weight"] = module.lora_B.weight
+            if module.use_dora:
+                live[f"{PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
         elif isinstance(module, SavedModule):
             for key, tensor in module.trained_module.state_dict(keep_vars=True).items():
                 live[f"{PREFIX}{name}.{key}"] = tensor
@@ -67,6 +78,7 @@ def peft_config(
     base_model: str,
     fan_in_fan_out: bool,
     task_type: str,
+    use_dora: bool = False,
 ) -> dict:
     """The `adapter_config.json` contents that PEFT 0.21's `LoraConfig` loads."""
     return {
@@ -85,6 +97,7 @@ def peft_config(
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True if init == "kaiming" else init,
+        "use_dora": use_dora,
         **UNSUPPORTED_PEFT_OPTIONS,
     }
 
@@ -111,4 +124,11 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_field(config, adapter_dir, "target_modules", "str-list")
     config_field(config, adapter_dir, "modules_to_save", "str-list", required=False)
     config_field(config, adapter_dir, "use_rslora", "bool", required=False)
-    return config, read_adapter_weights(adapter_dir)
+    config_field(config, adapter_dir, "use_dora", "bool", required=False)
+    tensors = read_adapter_weights(adapter_dir)
+    if config.get("use_dora") and not any(key.endswith(".lora_magnitude_vector") for key in tensors):
+        raise TunelabError(
+            f"{config_path}: use_dora is true, but {WEIGHTS_FILE} holds no lora_magnitude_vector (DoRA's "
+            "magnitudes); a file saved without DoRA loads with use_dora: false"
+        )
+    return config, tensors

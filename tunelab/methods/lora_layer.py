@@ -28,6 +28,30 @@ cast to float32 for the low-rank path and the update is cast back to the base's 
 autocast (and whenever the dtypes agree) the update is added by one `addmm`, y + s h B^T with
 h = A dropout(x), so it accumulates into the base output instead of being written out and added.
 
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353), with
+`use_dora`, splits the adapted weight into a magnitude and a direction and trains the magnitude
+m (out,) beside A and B:
+
+    W' = m * (W + s B A) / ||W + s B A||_c,        y = W' x + b
+
+where ||.||_c is the norm of each output row (over the input dimension; "column-wise" in the
+paper's (in, out) notation) and m starts at ||W||_c, so a fresh layer is again the identity. As
+in the paper (section 4.3) and PEFT, the norm n = ||W + s B A||_c is treated as a constant in
+backward (detached): it saves the memory of its graph, and the gradient still reaches A and B
+through the direction. Computed from the base output y = W x + b:
+
+    y' = y + (m / n - 1) * (W x) + (m / n) * s B A x
+
+With dropout active (training), both LoRA terms take dropout(x), so W x is recomputed on it (as
+PEFT does). Merging folds W <- (m / n) (W + s B A) and keeps n to unmerge exactly. Each forward
+computes n from the whole weight: DoRA's extra cost over LoRA (measured in BENCHMARKS.md).
+
+Quantised bases (QLoRA; `tunelab.quantization`): bitsandbytes' `Linear4bit` and `Linear8bitLt`
+are wrapped like `nn.Linear` (shapes from their `in_features`/`out_features`), stay frozen and
+quantised, and A, B (and m) are float32. DoRA's norm needs the dequantised weight W
+(`tunelab.quantization.dequantized_weight`). A quantised layer does not merge: folding s B A in
+would requantise W and lose the update; `tunelab merge` reloads the base in full precision instead.
+
 `SavedModule` serves `modules_to_save`: a module trained in full (e.g. `lm_head`, a reward head).
 It keeps the original frozen and trains a copy, so that disabling the method gives the base model
 back, as PEFT's `ModulesToSaveWrapper` does.
@@ -42,11 +66,16 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from tunelab.errors import TunelabError
+from tunelab.quantization import dequantized_weight, keep_standard_layout, quantized_kind
+
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
+"""Layers LoRA wraps; bitsandbytes' `Linear4bit` and `Linear8bitLt` subclass `nn.Linear`."""
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` or `Conv1D` (kept as `base_layer`) plus the update s * B A."""
+    """A frozen `nn.Linear`, `Conv1D` or quantised linear layer (kept as `base_layer`) plus the
+    update s * B A, or DoRA's m * (W + s B A) / ||W + s B A||_c with `use_dora`."""
 
     def __init__(
         self,
@@ -56,14 +85,19 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str = "kaiming",
+        use_dora: bool = False,
     ):
         super().__init__()
         if not isinstance(base_layer, SUPPORTED_LAYERS):
             raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.quantized = quantized_kind(base_layer)  # None, "4bit" or "8bit"
+        keep_standard_layout(base_layer)  # DoRA dequantises W (tunelab.quantization)
         weight = base_layer.weight
-        if self.fan_in_fan_out:
+        if self.quantized:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        elif self.fan_in_fan_out:
             self.in_features, self.out_features = weight.shape  # Conv1D: (in, out)
         else:
             self.out_features, self.in_features = weight.shape  # Linear: (out, in)
@@ -71,8 +105,8 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Half-precision bases get float32 adapters (see the module docstring).
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        # Half-precision and quantised bases get float32 adapters (see the module docstring).
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         kwargs = dict(bias=False, device=weight.device, dtype=dtype)
         self.lora_A = nn.Linear(self.in_features, r, **kwargs)  # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, **kwargs)  # weight (out, r)
@@ -83,8 +117,28 @@ class LoRALinear(nn.Module):
         else:
             raise ValueError(f"unknown LoRA init {init!r}; choose 'kaiming' or 'gaussian'")
         nn.init.zeros_(self.lora_B.weight)
+        self.use_dora = use_dora
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:  # m = ||W + s B A||_c = ||W||_c, as B = 0
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())  # (out,)
+        self.merged_norm: torch.Tensor | None = None  # DoRA's n at merge time, to unmerge exactly
         self.merged = False
         self.enabled = True
+
+    def base_weight(self) -> torch.Tensor:
+        """W as (out, in) in the adapters' dtype: Conv1D's transposed back, a quantised one dequantised."""
+        if self.quantized:
+            weight = dequantized_weight(self.base_layer)  # (out, in)
+        else:
+            weight = self.base_layer.weight.T if self.fan_in_fan_out else self.base_layer.weight
+        return weight.to(self.lora_A.weight.dtype)  # (out, in)
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's n = ||W + s B A||_c, the norm of each output row: (out,). Without gradient (detached,
+        see the module docstring)."""
+        with torch.no_grad():
+            delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+            return torch.linalg.vector_norm(self.base_weight() + delta, dim=1)  # (out,)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A in the base weight's layout and dtype: (out, in) for Linear, (in, out) for Conv1D."""
@@ -93,22 +147,52 @@ class LoRALinear(nn.Module):
             delta = delta.T  # (in, out)
         return delta.to(self.base_layer.weight.dtype)
 
-    def merge(self) -> None:
-        """W <- W + s B A. Does nothing when already merged."""
-        if not self.merged:
-            self.base_layer.weight.data += self.delta_weight()
-            self.merged = True
+    def _check_mergeable(self) -> None:
+        if self.quantized:
+            raise TunelabError(
+                f"lora: cannot merge into a {self.quantized} quantised layer (requantising would lose the "
+                "update); `tunelab merge` folds the adapter into the base reloaded in full precision"
+            )
 
-    def unmerge(self) -> None:
-        """W <- W - s B A. Does nothing when not merged."""
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + s B A; with DoRA W <- (m / n) (W + s B A). Does nothing when already merged."""
         if self.merged:
-            self.base_layer.weight.data -= self.delta_weight()
-            self.merged = False
+            return
+        self._check_mergeable()
+        weight = self.base_layer.weight
+        if not self.use_dora:
+            weight.data += self.delta_weight()
+        else:
+            self.merged_norm = self.weight_norm()  # (out,), from the unmerged weight
+            factor = (self.lora_magnitude_vector / self.merged_norm).unsqueeze(1)  # (out, 1)
+            delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+            merged = factor * (self.base_weight() + delta)  # (out, in)
+            weight.data.copy_(merged.T if self.fan_in_fan_out else merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - s B A; with DoRA W <- W n / m - s B A. Does nothing when not merged."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        if not self.use_dora:
+            weight.data -= self.delta_weight()
+        else:
+            factor = (self.lora_magnitude_vector / self.merged_norm).unsqueeze(1)  # (out, 1)
+            delta = self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+            unmerged = self.base_weight() / factor - delta  # (out, in)
+            weight.data.copy_(unmerged.T if self.fan_in_fan_out else unmerged)
+            self.merged_norm = None
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = self.base_layer(x)  # (..., out)
         if self.merged or not self.enabled:
             return y
+        if self.use_dora:
+            return self._dora_forward(x, y)
         autocast = torch.is_autocast_enabled(x.device.type)
         if not autocast:  # autocast casts x and A itself
             x = x.to(self.lora_A.weight.dtype)
@@ -124,9 +208,29 @@ class LoRALinear(nn.Module):
         # s B h = B (s h): scaling the r-wide h costs out / r times less than scaling B h.
         return y + self.lora_B(h * self.scaling).to(y.dtype)  # (..., out)
 
+    def _dora_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y' = y + (m / n - 1) W x + (m / n) s B A x, from the base output y = W x + b (module docstring)."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            x = x.to(self.lora_A.weight.dtype)
+        scale = self.lora_magnitude_vector / self.weight_norm()  # (out,) m / n, n detached
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:  # W x from the base output
+            update = self.lora_B(self.lora_A(x)) * self.scaling  # (..., out)
+            base = y if self.base_layer.bias is None else y - self.base_layer.bias
+        else:  # W dropout(x), recomputed (as PEFT does)
+            dropped = self.lora_dropout(x)
+            update = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., out)
+            base = nn.functional.linear(dropped, self.base_weight().to(dropped.dtype))  # (..., out)
+        return y + ((scale - 1) * base + scale * update).to(y.dtype)  # (..., out)
+
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
-        return f"{kind}({self.in_features} -> {self.out_features}), r={self.r}, scaling={self.scaling:g}"
+        if self.quantized:
+            kind = type(self.base_layer).__name__  # Linear4bit, Linear8bitLt
+        dora = ", dora" if self.use_dora else ""
+        return (
+            f"{kind}({self.in_features} -> {self.out_features}), r={self.r}, scaling={self.scaling:g}{dora}"
+        )
 
 
 class SavedModule(nn.Module):
