@@ -187,7 +187,9 @@ class StepLoop:
             (run.output_dir / "config.yaml").write_text(run.config_yaml)
         self.run, self.optimizer, self.steps, self.start_step = run, optimizer, steps, start_step
         self.evaluate = evaluate
-        self.metrics = MetricsLog(run.output_dir, enabled=run.is_main, resume_step=start_step)
+        self.metrics = MetricsLog(
+            run.output_dir, enabled=run.is_main, resume_step=start_step, config=run.config.to_dict()
+        )
         self.history: list[dict] = []
         self.tokens_seen, self.started = 0, time.perf_counter()
         self.skipped_steps, self.nonfinite_in_a_row = 0, 0
