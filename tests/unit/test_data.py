@@ -305,3 +305,64 @@ def test_eval_fraction_taking_every_record_says_so(tiny_tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"data.eval_fraction=0.5 holds out all 1 usable records") as err:
         prepare(tiny_tokenizer, train, eval_fraction=0.5)
     assert err.value.source == str(train)
+
+
+# A template that rewrites earlier turns as Qwen3's does: an assistant turn before the last user
+# turn loses its `<think>...</think>` part; the turns after it keep theirs.
+QWEN3_STYLE = r"""{%- set ns = namespace(last_query=0) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+{%- if m.role == 'assistant' -%}
+{%- set content = m.content -%}
+{%- if loop.index0 < ns.last_query and '</think>' in content -%}
+{%- set content = content.split('</think>')[-1].lstrip('\n') -%}
+{%- endif -%}
+{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}
+{%- else -%}
+{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"""
+
+
+def test_a_template_rewriting_earlier_turns_trains_each_assistant_turn_as_rendered(tiny_tokenizer, tmp_path):
+    """Under a Qwen3-style template (given as `data.chat_template`, here from a file) a two-turn
+    chat gives two examples; in example k only the tokens of assistant turn k, rendered with its
+    thinking as the last turn, carry loss (labels checked token by token against texts written out
+    by hand)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    (tmp_path / "qwen3.jinja").write_text(QWEN3_STYLE)
+    first, second = "<think>\nadd\n</think>\n\nfour", "<think>\nagain\n</think>\n\nsix"
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": second},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    data = prepare_data(
+        DataConfig(
+            train=str(path), template="chat", chat_template=str(tmp_path / "qwen3.jinja"), cache_dir=None
+        ),
+        tokenizer,
+    )
+    assert tokenizer.chat_template == QWEN3_STYLE  # generation renders prompts the same way
+    expected = [
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", first + "<|im_end|>\n"),
+        (
+            "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\nfour<|im_end|>\n"
+            "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n",
+            second + "<|im_end|>\n",
+        ),
+    ]
+    assert len(data.train.examples) == 2
+    for example, (prompt, target) in zip(data.train.examples, expected, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert example.input_ids == prompt_ids + target_ids
+        assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    # a template that keeps earlier turns as they are still gives one example per conversation
+    plain = prepare_data(DataConfig(train=str(path), template="chat", cache_dir=None), tiny_tokenizer)
+    assert len(plain.train.examples) == 1

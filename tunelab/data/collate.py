@@ -36,6 +36,13 @@ def epoch_batches(
     return batches
 
 
+def example_lengths(examples) -> list[int]:
+    """Tokens per example: read from the flat arrays of `TokenArrays` (no example is built), else
+    counted one by one."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths.tolist() if lengths is not None else [len(e.input_ids) for e in examples]
+
+
 def batch_stream(
     lengths: list[int], batch_size: int, seed: int, start: int = 0, group_by_length: bool = False
 ) -> Iterator[list[int]]:

@@ -32,9 +32,9 @@ from tunelab.config import DataConfig
 from tunelab.data.collate import pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation, _messages, require_text, to_conversation
-from tunelab.data.sources import check_records, read_records
-from tunelab.data.splits import eval_source, split_train_eval
-from tunelab.data.templates import choose_template, render_segments
+from tunelab.data.mixture import as_sources, read_mixture, source_lines
+from tunelab.data.splits import describe, eval_source
+from tunelab.data.templates import choose_template, override_chat_template, render_segments
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_segments
 from tunelab.errors import DataError
 
@@ -195,35 +195,25 @@ def to_prompt(
     return record["prompt"], to_conversation(record, "prompt", source, number, system_prompt)
 
 
-def _read_checked(source: str, split: str, skip_bad: bool, check) -> tuple[list, int]:
-    """The checked records of `source` and how many were skipped (unreadable or failing `check`)."""
-    records, unreadable = read_records(source, split, skip_bad)
-    checked, bad = check_records(source, records, skip_bad, check)
-    return checked, unreadable + bad
-
-
 def _train_and_eval(
     cfg: DataConfig, expected_format: str, check, seed: int
 ) -> tuple[list, list | None, list[str]]:
-    """Read and check the training records and the held-out ones (`tunelab.data.splits`)."""
+    """Read and check the training records and the held-out ones, from one source or a mixture
+    (`tunelab.data.mixture`)."""
+
+    def make_check(src, name, number, first):
+        if src.format not in ("auto", expected_format):
+            problem = f"this objective reads {expected_format} records, but data.format is {src.format!r}"
+            raise DataError(name, None, None, problem)
+        return check, expected_format
+
     if not cfg.train:
         raise DataError("data.train", None, None, "no training data given")
-    if cfg.format not in ("auto", expected_format):
-        raise DataError(
-            cfg.train,
-            None,
-            None,
-            f"this objective reads {expected_format} records, but data.format is {cfg.format!r}",
-        )
-    train, skipped = _read_checked(cfg.train, cfg.split, cfg.skip_bad_records, check)
-
-    def read_eval(source: str, split: str) -> tuple[list, int]:
-        return _read_checked(source, split, cfg.skip_bad_records, check)
-
-    train, held_out, eval_skipped = split_train_eval(cfg, train, read_eval, seed)
-    skipped += eval_skipped
-    notes = [f"skipped {skipped} bad records"] if skipped else []
-    return train, held_out, notes
+    mixed = read_mixture(cfg, make_check, seed)
+    skipped = mixed.skipped + mixed.eval_skipped
+    notes = source_lines(as_sources(cfg.train, cfg, cfg.split), mixed.read, mixed.taken)
+    notes += [f"skipped {skipped} bad records"] if skipped else []
+    return mixed.train, mixed.eval, notes
 
 
 # ------------------------------------------------------------------ preference pairs
@@ -279,11 +269,13 @@ def prepare_preferences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, see
     def check(record, source, number):
         return to_preference_pair(record, source, number, cfg.system_prompt)
 
+    override_chat_template(cfg.chat_template, tokenizer)
     train_pairs, eval_pairs, notes = _train_and_eval(cfg, "preference", check, seed)
     template = choose_template(cfg.template, tokenizer)
     train = _encode_split(train_pairs, tokenizer, template, cfg.max_length, "training", notes)
     if not train:
-        raise DataError(cfg.train, None, None, "no preference pair has both responses within max_length")
+        problem = "no preference pair has both responses within max_length"
+        raise DataError(describe(cfg.train), None, None, problem)
     held_out = None
     if eval_pairs:
         held_out = _encode_split(eval_pairs, tokenizer, template, cfg.max_length, "eval", notes)
@@ -322,6 +314,7 @@ def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     def check(record, source, number):
         return to_prompt(record, source, number, cfg.system_prompt)
 
+    override_chat_template(cfg.chat_template, tokenizer)
     train_records, eval_records, notes = _train_and_eval(cfg, "prompt", check, seed)
     template = choose_template(cfg.template, tokenizer)
 
@@ -336,7 +329,8 @@ def prepare_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
             f"dropped {too_long} training prompts longer than data.max_length={cfg.max_length} tokens"
         )
     if not train:
-        raise DataError(cfg.train, None, None, f"no prompt fits in data.max_length={cfg.max_length} tokens")
+        problem = f"no prompt fits in data.max_length={cfg.max_length} tokens"
+        raise DataError(describe(cfg.train), None, None, problem)
     held_out = None
     if eval_records:
         held_out, too_long = encode(eval_records)

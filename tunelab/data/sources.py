@@ -2,19 +2,35 @@
 
 Each record comes back with its number in the source (the line for JSONL, counted from 1; the
 row for JSON/CSV/Parquet, counted from 1), so that a bad record can be named exactly.
+
+A source of a mixture (`tunelab.config.SourceConfig`) is one of:
+
+- a local file, or a glob of them (`data/*.jsonl`: the files in sorted order, each named in errors);
+- a local folder or a hub data set id, read by `datasets.load_dataset(path, name=subset,
+  split=split, revision=revision, data_files=data_files)` (a folder with a README.md `configs:`
+  header is read by subset name, offline, as the hub would read it);
+- with `streaming: true`, a hub data set read as a stream through a seeded shuffle buffer
+  (`IterableDataset.shuffle(seed, buffer_size)`): the same seed gives the same records in the same
+  order; `records` stops the stream after that many.
+
+`columns` renames a source's columns (`{question: instruction}`) before its records are checked.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import glob
+import hashlib
 import io
+import itertools
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tunelab.config import SourceConfig
 from tunelab.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -29,6 +45,80 @@ def is_local(source: str) -> bool:
         or Path(source).exists()
         or source.startswith((".", "/"))
     )
+
+
+def is_glob(path: str) -> bool:
+    """A local path with wildcards (`data/*.jsonl`)."""
+    return any(c in path for c in "*?[") and Path(path).suffix.lower() in LOCAL_SUFFIXES
+
+
+def reads_with_datasets(src: SourceConfig) -> bool:
+    """Is `src` read by `datasets.load_dataset` (a hub id or a local folder), not as local files?"""
+    return src.streaming or Path(src.path).is_dir() or not (is_local(src.path) or is_glob(src.path))
+
+
+def source_name(src: SourceConfig) -> str:
+    """How errors and the data report name a source: its path, with subset and split for a data set."""
+    if not reads_with_datasets(src):
+        return src.path
+    details = [f"subset {src.subset}"] if src.subset else []
+    details += [f"split {src.split}"] + ([f"revision {src.revision}"] if src.revision else [])
+    return f"{src.path} ({', '.join(details)})"
+
+
+def local_files(src: SourceConfig) -> list[str]:
+    """The files of a local source: the file itself, or the glob's matches in sorted order."""
+    if not is_glob(src.path):
+        return [src.path]
+    files = sorted(glob.glob(str(Path(src.path).expanduser())))
+    if not files:
+        raise DataError(src.path, None, None, "no file matches this pattern")
+    return files
+
+
+def read_source(src: SourceConfig, skip_bad: bool, seed: int) -> tuple[list[tuple[str, list]], int]:
+    """The records of a source as parts (name for errors, (record number, record) pairs), one per
+    file of a glob, and the number of unreadable records skipped. `src.split` must be set."""
+    if reads_with_datasets(src):
+        return [(source_name(src), _load_dataset(src, seed))], 0
+    parts, skipped = [], 0
+    for path in local_files(src):
+        records, unreadable = read_records(path, src.split or "train", skip_bad)
+        parts.append((path, records))
+        skipped += unreadable
+    return parts, skipped
+
+
+def map_columns(record: dict, columns: dict[str, str] | None, source: str, number: int) -> dict:
+    """`record` with its columns renamed by `columns` ({old: new}); a column it lacks is an error."""
+    if not columns:
+        return record
+    renamed = {key: value for key, value in record.items() if key not in columns}
+    for old, new in columns.items():
+        if old not in record:
+            raise DataError(source, number, old, f"missing column (renamed to {new!r} by columns)")
+        renamed[new] = record[old]
+    return renamed
+
+
+def fingerprint(src: SourceConfig) -> str:
+    """A hash of what `src` holds: the bytes of its local files; the fingerprint `datasets` gives a
+    loaded data set; for a stream, its description only (pin `revision` to keep it meaningful)."""
+    digest = hashlib.sha256()
+    if src.streaming:
+        digest.update(repr((src.path, src.subset, src.split, src.revision, src.data_files)).encode())
+    elif reads_with_datasets(src):
+        digest.update(_open_dataset(src)._fingerprint.encode())
+    else:
+        for path in local_files(src):
+            try:
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(1 << 22):
+                        digest.update(chunk)
+            except OSError:  # reading it later names the problem
+                digest.update(b"unreadable")
+            digest.update(b"\0file\0")
+    return digest.hexdigest()
 
 
 def read_records(
@@ -240,10 +330,32 @@ def _read_parquet(path: Path) -> list[tuple[int, dict]]:
 
 
 def _read_hub(source: str, split: str) -> list[tuple[int, dict]]:
+    return _load_dataset(SourceConfig(path=source, split=split), seed=0)
+
+
+def _open_dataset(src: SourceConfig):
+    """`datasets.load_dataset` of the source (a `Dataset`, or an `IterableDataset` when streaming)."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(
+            src.path,
+            name=src.subset,
+            split=src.split,
+            revision=src.revision,
+            data_files=src.data_files,
+            streaming=src.streaming,
+        )
     except Exception as err:  # noqa: BLE001 - datasets raises many kinds; we report them as one
-        raise DataError(source, None, None, f"cannot load hub data set split {split!r}: {err}") from None
+        problem = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(source_name(src), None, None, f"cannot load the data set: {problem}") from None
+
+
+def _load_dataset(src: SourceConfig, seed: int) -> list[tuple[int, dict]]:
+    """(record number, record) pairs of a data set read by `datasets`; a stream is shuffled through
+    a buffer seeded by `seed` and stops after `src.records` records (when set)."""
+    dataset = _open_dataset(src)
+    if src.streaming:
+        dataset = dataset.shuffle(seed=seed, buffer_size=src.shuffle_buffer)
+        dataset = itertools.islice(dataset, src.records)
     return [(i, dict(row)) for i, row in enumerate(dataset, start=1)]

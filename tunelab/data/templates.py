@@ -2,10 +2,15 @@
 
 Two templates:
 
-- `chat`: the tokenizer's own chat template (`apply_chat_template`). Segments come from rendering
-  the conversation turn by turn: the text an assistant turn adds is a target, everything between is
-  prompt. The template must render each conversation as an extension of its prefixes, which every
-  mainstream template does; we check it and say so when it does not.
+- `chat`: the tokenizer's own chat template (`apply_chat_template`), or `data.chat_template` in its
+  place. Segments come from rendering the conversation turn by turn: the text an assistant turn
+  adds is a target, everything between is prompt. Most templates render a conversation as an
+  extension of its prefixes. Some rewrite earlier turns (Qwen3 drops `<think>...</think>` from
+  assistant turns before the last user turn): for those, `render_examples` makes one example per
+  assistant turn k, the render of turns[:k] with the generation prompt (no loss) followed by the
+  text turn k adds in the render of turns[:k+1] where it is the last turn (loss), so every target is
+  rendered as the model produces it. `render_segments` (one sequence, for preference pairs)
+  refuses such templates.
 - `alpaca`: the documented default for tokenizers without a chat template:
 
       ### Instruction:
@@ -25,12 +30,37 @@ Raw text (`text` turns) is a single target segment, EOS appended (documents end 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.formats import Conversation
 from tunelab.errors import TunelabError
 
 Segment = tuple[str, bool]  # (text, is_target)
+
+
+class NotPrefixConsistent(TunelabError):
+    """The chat template rewrites earlier turns when a conversation grows."""
+
+
+def override_chat_template(chat_template: str | None, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Set `data.chat_template` (Jinja text, or a path to a file holding it) as the tokenizer's chat
+    template, for training and generation alike; nothing when unset."""
+    if not chat_template:
+        return
+    text = chat_template
+    if "{" not in chat_template:  # not Jinja: a file name
+        path = Path(chat_template).expanduser()
+        if not path.is_file():
+            raise TunelabError(
+                f"data.chat_template: {chat_template!r} is neither a Jinja template nor a file"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TunelabError(f"data.chat_template: cannot read {chat_template!r}: {err}") from None
+    tokenizer.chat_template = text
 
 
 def choose_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -76,6 +106,33 @@ def render_segments(conv: Conversation, tokenizer: PreTrainedTokenizerBase, temp
     return _chat_segments(conv, tokenizer)
 
 
+def render_examples(
+    conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: str
+) -> list[list[Segment]]:
+    """The training examples of a conversation: one (`render_segments`), or, under a chat template
+    that rewrites earlier turns, one per assistant turn (module docstring)."""
+    if template != "chat" or (conv.turns and conv.turns[0][0] == "text"):
+        return [render_segments(conv, tokenizer, template)]
+    try:
+        return [_chat_segments(conv, tokenizer)]
+    except NotPrefixConsistent:
+        pass
+    examples = []
+    for i, (role, _) in enumerate(conv.turns):
+        if role != "assistant":
+            continue
+        prompt = _render(tokenizer, conv.turns[:i], add_generation_prompt=True)
+        full = _render(tokenizer, conv.turns[: i + 1], add_generation_prompt=False)
+        if not full.startswith(prompt):
+            raise TunelabError(
+                "the tokenizer's chat template does not render an assistant turn after its prompt "
+                "(the render of the turns up to it does not begin with the generation prompt), so "
+                "response tokens cannot be located; use data.template=alpaca"
+            )
+        examples.append([(prompt, False), (full[len(prompt) :], True)] if prompt else [(full, True)])
+    return examples
+
+
 def _render(tokenizer, turns, add_generation_prompt: bool) -> str:
     messages = [{"role": role, "content": content} for role, content in turns]
     return tokenizer.apply_chat_template(
@@ -92,7 +149,7 @@ def _chat_segments(conv: Conversation, tokenizer: PreTrainedTokenizerBase) -> li
         prompt = _render(tokenizer, conv.turns[:i], add_generation_prompt=True)
         full = _render(tokenizer, conv.turns[: i + 1], add_generation_prompt=False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise TunelabError(
+            raise NotPrefixConsistent(
                 "the tokenizer's chat template does not render a conversation as an extension of its "
                 "prefixes, so response tokens cannot be located; use data.template=alpaca"
             )
