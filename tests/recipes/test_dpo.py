@@ -221,3 +221,58 @@ def test_reference_is_the_starting_model_after_training(llama_dir, name, options
         torch.testing.assert_close(
             sequence_logprobs(model, batch), moved
         )  # the policy is back after the block
+
+
+@pytest.mark.parametrize("loss", ["ipo", "simpo", "orpo"])
+def test_pairwise_losses_are_their_formulas_on_plain_forwards(llama_dir, loss):
+    """`pair_losses` with `loss` ipo, simpo or orpo, on a padded batch of pairs of unequal lengths
+    with a policy (LoRA, B randomised) away from the reference (the base model, loaded
+    separately), equals the formula written out here on sums s and token counts n from plain forwards:
+    ipo (h - 1/(2 beta))^2, h = (s_c - ref_c) / n_c - (s_r - ref_r) / n_r; simpo
+    -log sigma(beta (s_c / n_c - s_r / n_r) - gamma); orpo -a_c - beta log sigma(log odds(a_c) -
+    log odds(a_r)), a = s / n, log odds(a) = a - log(1 - e^a). SimPO and ORPO get no reference."""
+    g = torch.Generator().manual_seed(11)
+
+    def tokens(n):
+        return torch.randint(10, 400, (n,), generator=g).tolist()
+
+    sides = [
+        (tokens(4), tokens(5), tokens(2)),
+        (tokens(6), tokens(1), tokens(7)),
+        (tokens(3), tokens(3), tokens(4)),
+    ]
+    pairs = [
+        PairExample(
+            TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
+        )
+        for p, c, r in sides
+    ]
+    reference_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    torch.manual_seed(1)
+    lora.apply(model, lora.Options(r=4, alpha=8, target_modules="all-linear"))
+    for layer in lora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)
+    with torch.no_grad():
+        s = torch.tensor(
+            [[float(_plain_completion_logprob(model, p, y)) for y in (c, r)] for p, c, r in sides]
+        )
+        ref = torch.tensor(
+            [[float(_plain_completion_logprob(reference_model, p, y)) for y in (c, r)] for p, c, r in sides]
+        )
+    n = torch.tensor([[len(c), len(r)] for _, c, r in sides], dtype=torch.float32)  # (P, 2)
+    beta, gamma = 0.5, 0.3
+    a = s / n  # (P, 2)
+    if loss == "ipo":
+        h = (s[:, 0] - ref[:, 0]) / n[:, 0] - (s[:, 1] - ref[:, 1]) / n[:, 1]
+        expected = (h - 1 / (2 * beta)) ** 2
+    elif loss == "simpo":
+        expected = -F.logsigmoid(beta * (a[:, 0] - a[:, 1]) - gamma)
+    else:
+        odds = a.double() - torch.log1p(-torch.exp(a.double()))
+        expected = (-a[:, 0] - beta * F.logsigmoid(odds[:, 0] - odds[:, 1]).float()).float()
+    options = Options(loss=loss, beta=beta, simpo_gamma=gamma)
+    reference = Reference(model, lora) if loss == "ipo" else None
+    with torch.no_grad():
+        losses, _, _ = pair_losses(model, reference, options, pad_pairs(pairs, pad_id=0))
+    torch.testing.assert_close(losses, expected, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ OBJECTIVE_MODULES = {
     "sft": "tunelab.objectives.sft",
     "reward": "tunelab.objectives.reward",
     "dpo": "tunelab.objectives.dpo",
+    "kto": "tunelab.objectives.kto",
     "ppo": "tunelab.objectives.ppo",
     "grpo": "tunelab.objectives.grpo",
 }
