@@ -5,7 +5,12 @@ DPO, PPO and GRPO compare the trained policy pi with the model it started from. 
 - for methods that switch off to the base model (`Method.DISABLES_TO_BASE`: lora, adapter, prefix):
   the same model inside the method's `disabled(model)` context, which computes the base model's
   outputs (no second copy; torchtune's `disable_adapter`, TRL's `use_adapter(None)`);
-- for the others (full and partial fine-tuning): a frozen deep copy made before training starts.
+- for the others (full and partial fine-tuning), and for an earlier run's adapter that trains
+  further (`model.earlier_adapter: continue`, where disabling it would give the bare base): a frozen
+  deep copy made before training starts.
+
+Either way pi_ref is the policy the run starts from: for a run that starts from an earlier run (an
+SFT model, `tunelab.trained.load_start`) that is the SFT model, never the bare base.
 
 The log-probabilities themselves are computed in `tunelab.logprobs`.
 """
@@ -21,6 +26,7 @@ from transformers import PreTrainedModel
 
 from tunelab.logprobs import final_hidden, logprobs_from_hidden
 from tunelab.methods import Method
+from tunelab.trained import StartingPoint
 
 
 class Reference:
@@ -29,21 +35,28 @@ class Reference:
     Make it before any training step (and before attaching value or reward heads).
     """
 
-    def __init__(self, model: PreTrainedModel, method: Method, frozen_copy=None):
+    def __init__(
+        self, model: PreTrainedModel, method: Method, frozen_copy=None, start: StartingPoint | None = None
+    ):
         """`frozen_copy(model)` makes the copy (default: a frozen deep copy in eval mode); a run
-        passes `run.dist.frozen_copy`, which shards the copy like the model under FSDP."""
+        passes `run.dist.frozen_copy`, which shards the copy like the model under FSDP. `start` is
+        where the model came from (`run.start`): it names the reference in `kind`, and an earlier
+        adapter that trains further needs the copy."""
         self.policy = model
         self.method = method
+        self.start = start
         self.copy: PreTrainedModel | None = None
-        if not method.DISABLES_TO_BASE:
+        if not method.DISABLES_TO_BASE or (start is not None and start.continued):
             self.copy = frozen_copy(model) if frozen_copy is not None else copy.deepcopy(model).eval()
             self.copy.requires_grad_(False)
 
     @property
     def kind(self) -> str:
-        return (
+        """How pi_ref is computed, and which model it is (the log says it)."""
+        how = (
             "frozen copy" if self.copy is not None else f"{self.method.__name__.rsplit('.', 1)[-1]} disabled"
         )
+        return f"{how} = {self.start.describe()}" if self.start is not None else how
 
     @contextlib.contextmanager
     def model(self) -> Iterator[PreTrainedModel]:

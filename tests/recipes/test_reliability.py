@@ -324,14 +324,14 @@ def test_a_tokenizer_without_eos_is_refused(llama_dir, tmp_path):
 @pytest.mark.parametrize("objective", ["sft", "dpo", "grpo"])
 def test_bad_data_fails_before_the_model_loads(llama_dir, tmp_path, monkeypatch, objective):
     """A bad record must not wait for a large model's load: the data are read and checked first."""
+    from tunelab import trained
     from tunelab.config import load_config
     from tunelab.errors import DataError
-    from tunelab.training import setup
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data were checked")
 
-    monkeypatch.setattr(setup, "load_model", no_model)
+    monkeypatch.setattr(trained, "load_model", no_model)  # every run loads its model through it
     bad = tmp_path / "bad.jsonl"
     good = {
         "sft": '{"instruction": "a", "output": "b"}',

@@ -87,7 +87,7 @@ def run(config: RunConfig) -> dict:
     options = config.objective.options
     online = OnlineRun.setup(config, answer="completion")
     run, model = online.run, online.run.model
-    reference = Reference(model, run.method, run.dist.frozen_copy) if options.beta > 0 else None
+    reference = Reference(model, run.method, run.dist.frozen_copy, run.start) if options.beta > 0 else None
     run.print(
         f"[tunelab] rewards: {', '.join(online.rewards.names)}; "
         f"reference policy: {reference.kind if reference else 'none (beta = 0)'}"

@@ -98,7 +98,7 @@ def run(config: RunConfig) -> dict:
     options = config.objective.options
     online = OnlineRun.setup(config, answer="response")
     run, model = online.run, online.run.model
-    reference = Reference(model, run.method, run.dist.frozen_copy)
+    reference = Reference(model, run.method, run.dist.frozen_copy, run.start)
     value_head = attach_head(model, VALUE_HEAD, zero_init=True)
     run.print(f"[tunelab] rewards: {', '.join(online.rewards.names)}; reference policy: {reference.kind}")
     policy = Policy(model, value_head, reference, options)

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.collate import batch_stream, count_targets, pad_batch, to_device
+from tunelab.data.collate import batch_stream, count_targets, example_lengths, pad_batch, to_device
 from tunelab.data.dataset import prepare_data
 from tunelab.data.packing import pack_batch, real_tokens
 from tunelab.data.tokenize import TokenizedExample
@@ -25,7 +25,8 @@ from tunelab.kernels import cpu_attention
 from tunelab.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
 from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
-from tunelab.models import load_tokenizer
+from tunelab.samples import with_samples
+from tunelab.trained import start_tokenizer
 from tunelab.training.loop import MicroBatch, StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
 from tunelab.training.setup import Run, report_data, save_final, setup_run, write_summary
@@ -40,7 +41,7 @@ def run(config: RunConfig) -> dict:
     """Train a model with the SFT objective; returns the summary written to `summary.json`."""
     # Set-up: the data, the model with its method, the optimizer.
     cfg = config.train
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    tokenizer = start_tokenizer(config)
     data = prepare_data(config.data, tokenizer, seed=cfg.seed)  # every record checked before the model loads
     run = setup_run(config, tokenizer)
     model = run.model
@@ -51,6 +52,7 @@ def run(config: RunConfig) -> dict:
         attention = packed_attention(run)
         run.print(f"[tunelab] packing: one padding-free row per micro-batch, {attention} attention")
     evaluate = partial(held_out_loss, run, data.eval.examples) if data.eval else None
+    evaluate = with_samples(run, evaluate, data.template)  # answers to eval.sample_prompts too
     steps = total_steps(run, -(-len(data.train.examples) // run.global_batch))
     run.dist.wrap(model)  # DDP or FSDP2 under torchrun (before the optimizer sees the parameters)
     optimizer = build_optimizer(model, cfg)
@@ -95,7 +97,7 @@ def sft_batches(run: Run, examples: list[TokenizedExample], position: int) -> It
     """This process's micro-batches of the seeded training order, from micro-batch `position` on:
     packed into one row (`data.packing`) or padded; units = target tokens."""
     config = run.config
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = example_lengths(examples)
     pad_id = run.tokenizer.pad_token_id
     order = batch_stream(lengths, run.global_batch, config.train.seed, position, config.data.group_by_length)
     for indices in order:

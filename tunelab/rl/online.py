@@ -18,9 +18,10 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.data.collate import batch_stream
 from tunelab.data.preference import PromptData, PromptExample, prepare_prompts
-from tunelab.models import disable_dropout, load_tokenizer
+from tunelab.models import disable_dropout
 from tunelab.rl.rewards import Rewards, check_reward_spec
 from tunelab.rl.rollouts import Rollout, generate_rollouts, prompt_columns, sampling_keys
+from tunelab.trained import start_tokenizer
 from tunelab.training.loop import LoopResult
 from tunelab.training.setup import Run, before_and_after, report_data, save_final, setup_run, write_summary
 
@@ -92,7 +93,7 @@ class OnlineRun:
         apply: rollouts are padded), load the rewards, turn dropout off (the policy, its rollouts
         and the reference must agree)."""
         options = config.objective.options
-        tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+        tokenizer = start_tokenizer(config)
         data = prepare_prompts(
             config.data, tokenizer, seed=config.train.seed
         )  # checked before the model loads

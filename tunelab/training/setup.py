@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +23,9 @@ from tunelab.config import RunConfig
 from tunelab.console import note
 from tunelab.errors import TunelabError
 from tunelab.methods import get_method, parameter_report, trainable_parameters
-from tunelab.models import load_model, load_tokenizer, resolve_device
+from tunelab.model_card import write_run_card
+from tunelab.models import resolve_device
+from tunelab.trained import StartingPoint, adapter_base, resolve_model_dir, start_model, start_tokenizer
 from tunelab.training import distributed
 from tunelab.training.checkpoint import written
 from tunelab.training.distributed import Parallel
@@ -47,6 +50,8 @@ class Run:
     scaler: torch.amp.GradScaler | None = None
     """Dynamic loss scaling for `train.precision: fp16` (float16 gradients underflow without it);
     None for fp32 and bf16."""
+    start: StartingPoint | None = None
+    """Where the model started: a base model, or an earlier run (`tunelab.trained`)."""
 
     def autocast(self):
         """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32)."""
@@ -83,7 +88,8 @@ def seed_everything(seed: int) -> None:
 def prepare_model(
     config: RunConfig, device: torch.device | None = None, tokenizer: PreTrainedTokenizerBase | None = None
 ):
-    """Load model (+ tokenizer, unless given) and apply the method: (model, tokenizer, method module)."""
+    """Load model (+ tokenizer, unless given) and apply the method: (model, tokenizer, method module,
+    starting point). The model may be an earlier run (`tunelab.trained.start_model`)."""
     device = device or resolve_device(config.model.device)
     if device.type == "cpu":
         # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
@@ -91,16 +97,9 @@ def prepare_model(
         # BENCHMARKS.md). 64 keeps every reuse within a step. Read once, at the first matmul of the
         # process; a value set by the user wins.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-    tokenizer = tokenizer or load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    model = load_model(
-        config.model.name_or_path,
-        dtype=config.model.dtype,
-        device=device,
-        trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=config.model.attn_implementation,
-    )
+    tokenizer = tokenizer or start_tokenizer(config)
+    model, start = start_model(config, device)
     method = get_method(config.method.name)
-    method.apply(model, config.method.options)
     if config.train.precision != "fp32":
         # Master weights: trainable parameters in float32, the frozen base stays in model.dtype.
         for p in trainable_parameters(model).values():
@@ -115,7 +114,7 @@ def prepare_model(
         compile_blocks(model)
     if not trainable_parameters(model):
         raise TunelabError(f"method {config.method.name!r} left no trainable parameter")
-    return model, tokenizer, method
+    return model, tokenizer, method, start
 
 
 def compile_blocks(model: PreTrainedModel) -> None:
@@ -143,11 +142,13 @@ def setup_run(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)  # written by StepLoop, see there
-    model, tokenizer, method = prepare_model(config, parallel.device, tokenizer)
+    model, tokenizer, method, start = prepare_model(config, parallel.device, tokenizer)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
-    run = Run(config, model, tokenizer, method, device, output_dir, config_yaml, is_main, parallel, scaler)
-    run.print(f"[tunelab] model {config.model.name_or_path} ({type(model).__name__}) on {run.device}")
+    run = Run(
+        config, model, tokenizer, method, device, output_dir, config_yaml, is_main, parallel, scaler, start
+    )
+    run.print(f"[tunelab] model {start.describe()} ({type(model).__name__}) on {run.device}")
     run.print(f"[tunelab] method {config.method.name}: {parameter_report(model)}")
     return run
 
@@ -162,27 +163,39 @@ def gathered_model(run: Run) -> PreTrainedModel | None:
     weights = distributed.gather_trainable(run.model, run.is_main)
     if not run.is_main:
         return None
-    model, _, _ = prepare_model(run.config, torch.device("cpu"))
+    model, _, _, _ = prepare_model(run.config, torch.device("cpu"))
     with torch.no_grad():
         for name, p in trainable_parameters(model).items():
             p.copy_(weights[name])
     return model
 
 
-def save_final(run: Run) -> Path:
+def saved_base(run: Run) -> str:
+    """The base an adapter of this run names: what it started from, or, for an earlier adapter that
+    trained further, that adapter's own base (the adapter is the same one, continued)."""
+    name = run.config.model.name_or_path
+    if run.start is not None and run.start.continued:
+        return adapter_base(resolve_model_dir(name))
+    return name
+
+
+def save_final(run: Run, view: Callable[[PreTrainedModel], PreTrainedModel] | None = None) -> Path:
     """Write `OUTPUT_DIR/final/`: the method's artifact plus the tokenizer, through `final.tmp/` so
     that an earlier `final/` stays whole until the new one is. Every rank calls it (FSDP gathers the
-    trained parameters); rank 0 writes."""
+    trained parameters); rank 0 writes. `view(model)` is saved in place of the model when given
+    (a reward run saves its model as a sequence classifier)."""
     final = run.output_dir / "final"
     model = gathered_model(run) if run.dist.sharded else run.model
     if not run.is_main:
         return final
+    if view is not None:
+        model = view(model)
     tmp, old = run.output_dir / "final.tmp", run.output_dir / "final.old"
     with written(tmp, f"the final model {final}", "the checkpoints and any earlier final/ are intact"):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        run.method.save(model, run.config.method.options, tmp, run.config.model.name_or_path)
+        run.method.save(model, run.config.method.options, tmp, saved_base(run))
         run.tokenizer.save_pretrained(tmp)
     if old.exists():
         shutil.rmtree(old)
@@ -208,6 +221,8 @@ def write_summary(run: Run, summary: dict, final: Path) -> dict:
     summary = {**summary, "final_dir": str(final)}
     if run.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        started_from = run.start.describe() if run.start is not None else None
+        write_run_card(final, run.config.to_dict(), summary, started_from)  # final/README.md
         run.print(
             "[tunelab] "
             + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
