@@ -131,13 +131,10 @@ def test_reward_head_gathered_under_fsdp(objective_runs):
     """The reward head trained under FSDP2 (sharded with the root) is saved whole and scores as the
     single-process one does."""
     single, multi = objective_runs / "single_reward_fsdp_lora", objective_runs / "reward_fsdp_lora"
-    a, b = (
-        load_file(multi / "final" / "reward_head.safetensors"),
-        load_file(single / "final" / "reward_head.safetensors"),
-    )
-    assert a["weight"].shape == b["weight"].shape == (1, 64)
-    assert torch.linalg.norm(a["weight"] - b["weight"]) <= 1e-3 * torch.linalg.norm(b["weight"])
-    assert a["bias"].item() == b["bias"].item() == 0.0  # frozen: it cancels in r_chosen - r_rejected
+    key = "base_model.model.score.weight"  # the head, as the classifier's score in the SEQ_CLS adapter
+    a, b = (load_file(run / "final" / "adapter_model.safetensors")[key] for run in (multi, single))
+    assert a.shape == b.shape == (1, 64)
+    assert torch.linalg.norm(a - b) <= 1e-3 * torch.linalg.norm(b)
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["eval_accuracy"] == pytest.approx(
         json.loads((single / "summary.json").read_text())["eval_accuracy"], abs=1e-6

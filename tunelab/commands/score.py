@@ -67,7 +67,7 @@ class Scorer:
 
         self.model = load_reward_model(Path(args.path), dtype=args.dtype, device=args.device)
         self.tokenizer = self.model.tokenizer
-        self.template = choose_template(args.template or self.model.template, self.tokenizer)
+        self.template = choose_template(args.template or self.model.template or "auto", self.tokenizer)
         self.add_special = self.template != "chat" and adds_bos(self.tokenizer)
         saved = run_data_config(Path(args.path))
         self.max_length = args.max_length or (saved.max_length if saved else 2048)

@@ -3,16 +3,21 @@
 Ouyang et al. 2022 ("Training language models to follow instructions with human feedback"):
 for a prompt x with a chosen response c and a rejected one r,
 
-    r_theta(x, y) = w^T h_last(x, y) + b          (h_last: final hidden state of the last token)
+    r_theta(x, y) = w^T h_last(x, y)              (h_last: final hidden state of the last token)
     L = - (1 / P) sum_pairs log sigma(r_theta(x, c) - r_theta(x, r) - m)   [+ c (r_c + r_r)^2]
 
 over the P pairs of an optimizer step, with an optional per-pair margin m (a `margin` field in the
 data) and centring coefficient c. The head trains in full whatever the method (with LoRA, the
-adapter and the head train). Held-out pairwise accuracy (how often r_c > r_r) is the measure.
+adapter and the head train). The head has no bias: a constant cancels in r_c - r_r, and the
+sequence-classification `score` layer it is saved as has none. The last token is the last one that
+is not padding, as `XForSequenceClassification` pools. Held-out pairwise accuracy (how often
+r_c > r_r) is the measure.
 
 The recipe: load pairs -> set up model and method -> attach the head -> evaluate -> train ->
-evaluate -> save `final/` (the method's artifact + `reward_head.safetensors` + `reward_model.json`,
-see tunelab/rl/reward_model.py), which PPO (`objective.reward_model`) and `tunelab score` load.
+evaluate -> save `final/`: a one-label `XForSequenceClassification` (full, partial) or its PEFT
+SEQ_CLS adapter (LoRA) that transformers, PEFT and TRL load, else the method's artifact with
+`reward_head.safetensors`; `reward_model.json` beside it either way (tunelab/rl/reward_model.py).
+PPO, GRPO (`objective.reward_model`) and `tunelab score` load it.
 """
 
 from __future__ import annotations
@@ -26,9 +31,20 @@ from torch import nn
 
 from tunelab.config import RunConfig
 from tunelab.losses.reward import bradley_terry_loss, pairwise_accuracy
-from tunelab.models import load_tokenizer
 from tunelab.objectives.pairs import held_out_pair_figures, pair_batches, read_pairs, report_pairs
-from tunelab.rl.reward_model import REWARD_HEAD, attach_head, detach_head, save_reward_head, sequence_rewards
+from tunelab.rl.reward_model import (
+    CLASSIFIER_METHODS,
+    NOT_PAD,
+    REWARD_HEAD,
+    add_score_to_adapter,
+    as_classifier,
+    attach_head,
+    detach_head,
+    save_reward_head,
+    sequence_rewards,
+    write_reward_info,
+)
+from tunelab.trained import start_tokenizer
 from tunelab.training.loop import StepLoop, accumulated_step, resume, total_steps
 from tunelab.training.optim import build_optimizer
 from tunelab.training.setup import Run, before_and_after, save_final, setup_run, write_summary
@@ -49,17 +65,15 @@ def run(config: RunConfig) -> dict:
     """Train a reward model; returns the summary written to `summary.json`."""
     # Set-up: the model with its method and a scalar head, the pairs, the optimizer.
     cfg, options = config.train, config.objective.options
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
+    tokenizer = start_tokenizer(config)
     data = read_pairs(config, tokenizer)  # every pair checked before the model loads
     run = setup_run(config, tokenizer)
     report_pairs(run, data)
-    head = attach_head(run.model, REWARD_HEAD)
-    center = options.center_coefficient or 0.0
-    if not center:  # b cancels in r_c - r_r: its gradient is exactly 0, Adam would move it on rounding noise
-        head.bias.requires_grad_(False)
+    head = attach_head(run.model, REWARD_HEAD, bias=False)
+    center, pad = options.center_coefficient or 0.0, tokenizer.pad_token_id
     # The score comes from the hidden states: the LM head (and a LoRA on it) gets no gradient.
     run.dist.find_unused_parameters = True
-    figures = partial(reward_figures, run.model, head, center)
+    figures = partial(reward_figures, run.model, head, pad, center)
     evaluate = partial(held_out_pair_figures, run, data.eval, figures) if data.eval else None
     before = evaluate() if evaluate else {}
     if before:
@@ -75,7 +89,7 @@ def run(config: RunConfig) -> dict:
     with loop.running():
         for step in loop.step_numbers():
             micro_batches = [next(batches) for _ in range(cfg.grad_accum)]
-            loss_fn = partial(reward_loss_sum, run.model, head, center)
+            loss_fn = partial(reward_loss_sum, run.model, head, pad, center)
             loop.end_step(
                 step, accumulated_step(run, optimizer, micro_batches, loss_fn), step * cfg.grad_accum
             )
@@ -89,14 +103,16 @@ def run(config: RunConfig) -> dict:
     return write_summary(run, summary, final)
 
 
-def rewards(model, head: nn.Linear, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def rewards(model, head: nn.Linear, pad_token_id: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen (P,), r_rejected (P,)) of a batch of pairs (chosen rows first, then rejected)."""
-    return sequence_rewards(model, head, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    return sequence_rewards(model, head, batch["input_ids"], batch["attention_mask"], pad_token_id).chunk(2)
 
 
-def reward_loss_sum(model, head: nn.Linear, center: float, batch: dict) -> tuple[torch.Tensor, dict]:
+def reward_loss_sum(
+    model, head: nn.Linear, pad_token_id: int, center: float, batch: dict
+) -> tuple[torch.Tensor, dict]:
     """The Bradley-Terry loss summed over a micro-batch's pairs, and its figures summed too."""
-    chosen, rejected = rewards(model, head, batch)
+    chosen, rejected = rewards(model, head, pad_token_id, batch)
     losses = bradley_terry_loss(chosen, rejected, batch["margin"], center)  # (P,)
     extras = {
         "accuracy": pairwise_accuracy(chosen, rejected).sum(),
@@ -107,9 +123,11 @@ def reward_loss_sum(model, head: nn.Linear, center: float, batch: dict) -> tuple
     return losses.sum(), extras
 
 
-def reward_figures(model, head: nn.Linear, center: float, batch: dict) -> dict[str, torch.Tensor]:
+def reward_figures(
+    model, head: nn.Linear, pad_token_id: int, center: float, batch: dict
+) -> dict[str, torch.Tensor]:
     """Per-pair held-out figures: Bradley-Terry loss, pairwise accuracy, reward margin (each (P,))."""
-    chosen, rejected = (r.float() for r in rewards(model, head, batch))
+    chosen, rejected = (r.float() for r in rewards(model, head, pad_token_id, batch))
     return {
         "loss": bradley_terry_loss(chosen, rejected, batch["margin"], center),
         "accuracy": pairwise_accuracy(chosen, rejected),
@@ -118,16 +136,25 @@ def reward_figures(model, head: nn.Linear, center: float, batch: dict) -> dict[s
 
 
 def save_with_head(run: Run, head: nn.Linear, template: str) -> Path:
-    """Save `final/` (the method's artifact) with the reward head and `reward_model.json` beside it;
-    returns its path. The head is taken off the model while the method saves it (a full model's
-    files must not hold it) and put back for the held-out evaluation. Every rank calls it (FSDP
-    gathers the head); rank 0 writes."""
+    """Save `final/` as a sequence classifier where the method allows (`CLASSIFIER_METHODS`), else
+    the method's artifact with the head beside it; `reward_model.json` either way. Returns its path.
+    The head is taken off the model while the method saves it (a full model's files must not hold
+    it as such) and put back for the held-out evaluation. Every rank calls it (FSDP gathers the
+    head); rank 0 writes."""
     head_state = run.dist.full_state_dict(head)  # the tensors on rank 0
-    detach_head(run.model, REWARD_HEAD)
-    final = save_final(run)
-    run.model.add_module(REWARD_HEAD, head)
+    saved = nn.Linear(head.in_features, 1, bias=False)
     if run.is_main:
-        saved = nn.Linear(head.in_features, 1)
         saved.load_state_dict(head_state)
-        save_reward_head(final, saved, template, run.config.method.name, run.config.model.name_or_path)
+    method, base = run.config.method.name, run.config.model.name_or_path
+    classifier = method in CLASSIFIER_METHODS
+    view = partial(as_classifier, head=saved, pad_token_id=run.tokenizer.pad_token_id) if classifier else None
+    detach_head(run.model, REWARD_HEAD)
+    final = save_final(run, view)
+    run.model.add_module(REWARD_HEAD, head)
+    if run.is_main and classifier:
+        if method == "lora":
+            add_score_to_adapter(final, saved)
+        write_reward_info(final, head.in_features, template, method, base, pooling=NOT_PAD)
+    elif run.is_main:
+        save_reward_head(final, saved, template, method, base)
     return final

@@ -14,8 +14,10 @@ The score of completion i is
 
     s_i = sum_k w_k f_k(prompt_i, completion_i) [+ r_phi(prompt_i, completion_i)]
 
-with weights w_k (`reward_weights`, default 1) and an optional trained reward model r_phi
-(`reward_model`, tunelab/rl/reward_model.py), which must share the policy's tokenizer and template.
+with weights w_k (`reward_weights`, default 1) and an optional reward model r_phi (`reward_model`,
+tunelab/rl/reward_model.py): tunelab's own, which shares the policy's tokenizer and template and
+scores the rollout's tokens as they are, or any one-label sequence classifier; one with another
+tokenizer reads the prompt and completion text again, rendered with its own chat template.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from pathlib import Path
 
 import torch
 
+from tunelab.data.collate import pad_batch
+from tunelab.data.formats import Conversation
+from tunelab.data.templates import choose_template, render_segments
+from tunelab.data.tokenize import adds_bos, encode_segments
 from tunelab.errors import TunelabError
 
 ANSWER_MARK = "####"  # GSM8K puts the final answer after "#### "
@@ -131,16 +137,37 @@ class Rewards:
             from tunelab.rl.reward_model import load_reward_model
 
             self.model = load_reward_model(reward_model, dtype=dtype, device=device)
-            if self.model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+            # Another tokenizer: the reward model reads the text again, rendered its own way.
+            self.own_tokens = self.model.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+            if not self.own_tokens and self.model.head is not None:
                 raise TunelabError(
                     f"reward model {reward_model} has another tokenizer than the policy; "
                     "train it from the same base model"
                 )
-            if self.model.template != template:
+            self.reward_template = (
+                template if self.own_tokens else choose_template("auto", self.model.tokenizer)
+            )
+            if self.model.template is not None and self.model.template != template:
                 raise TunelabError(
                     f"reward model {reward_model} was trained with template {self.model.template!r}, "
                     f"but this run renders prompts with {template!r}; set data.template"
                 )
+
+    def _retokenized(self, prompts: list, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + completion as the reward model's tokenizer encodes them, under its chat template
+        (else the run's template), right-padded: (N, T) ids and mask."""
+        tokenizer = self.model.tokenizer
+        add_special = self.reward_template != "chat" and adds_bos(tokenizer)
+        examples = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            turns = (
+                [("user", prompt)] if isinstance(prompt, str) else [(m["role"], m["content"]) for m in prompt]
+            )
+            conversation = Conversation([*turns, ("assistant", completion)])
+            segments = render_segments(conversation, tokenizer, self.reward_template)
+            examples.append(encode_segments(segments, tokenizer, 1 << 30, False, add_special))
+        batch = pad_batch(examples, tokenizer.pad_token_id)
+        return batch["input_ids"], batch["attention_mask"]
 
     @property
     def names(self) -> list[str]:
@@ -180,6 +207,8 @@ class Rewards:
             parts[name] = scores
             total = total + weight * scores
         if self.model is not None:
+            if not self.own_tokens:
+                input_ids, attention_mask = self._retokenized(prompts, completions)
             scores = self.model.score(input_ids, attention_mask).cpu()
             parts["model"] = scores
             total = total + scores
