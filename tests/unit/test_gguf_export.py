@@ -34,6 +34,7 @@ from tunelab.export.gguf_in import gguf_source
 from tunelab.export.gguf_out import export_gguf
 from tunelab.export.gguf_tensors import interleave_rotary
 from tunelab.export.modelfile import measure_chat_template, render_pieces
+from tunelab.merging import merge_adapter
 from tunelab.models import check_model_source, load_model, load_tokenizer
 from tunelab.tiny import (
     ASSISTANT,
@@ -47,6 +48,7 @@ from tunelab.tiny import (
     build_tiny_model_dir,
     default_corpus,
 )
+from tunelab.trained import load_trained
 
 READ_BACK = ["llama", "mistral", "qwen2", "phi3", "gpt2", "gemma2"]  # what transformers' GGUF reader loads
 TEXTS = [
@@ -305,6 +307,13 @@ def test_gguf_base_trains_and_its_export_round_trips(models, instruction_data, t
         assert (want - before(ids).logits).abs().max() > 1e-3  # the run changed the model
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (run / "gguf" / "README.md").is_file() and (run / "gguf" / "Modelfile").is_file()
+    lora_run = tmp_path / "lora"  # a LoRA on the GGUF base merges like any other
+    lora = {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}
+    tunelab.train(sft_config(base, instruction_data[0], lora_run, "train.max_steps=3", method=lora))
+    merged = AutoModelForCausalLM.from_pretrained(merge_adapter(lora_run, tmp_path / "merged"))
+    adapted, _, _ = load_trained(lora_run, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_missing_gguf_and_unsupported_sources_are_one_line(models, tmp_path, capsys):
