@@ -44,7 +44,7 @@ from tunelab.data.formats import Conversation
 from tunelab.data.mixture import as_sources
 from tunelab.data.sources import fingerprint
 from tunelab.data.splits import eval_split
-from tunelab.data.tokenize import Encoded, TokenArrays
+from tunelab.data.tokenize import Encoded, OffsetSequence, TokenArrays
 from tunelab.errors import TunelabError
 
 CACHE_VERSION = 1
@@ -169,25 +169,17 @@ class SplitWriter:
         return None
 
 
-class StoredConversations(Sequence):
-    """The conversations of a split, read one JSON line at a time from the entry."""
+class StoredConversations(OffsetSequence):
+    """The conversations of a split, read one JSON line at a time from the entry (byte offsets)."""
 
     def __init__(self, path: Path, offsets: np.ndarray):
-        self.path, self.offsets = path, offsets
+        super().__init__(offsets)
+        self.path = path
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+    def item(self, start: int, stop: int) -> Conversation:
         with open(self.path, "rb") as handle:
-            handle.seek(int(self.offsets[index]))
-            data = json.loads(handle.read(int(self.offsets[index + 1] - self.offsets[index])))
+            handle.seek(start)
+            data = json.loads(handle.read(stop - start))
         return Conversation([tuple(turn) for turn in data["turns"]], data["extra"])
 
 

@@ -193,21 +193,15 @@ def encode_in_parallel(
         _JOB = None
 
 
-class TokenArrays(Sequence):
-    """Examples read lazily from flat arrays (numpy memmaps of the token cache, or arrays in memory):
-    example i is ids[offsets[i]:offsets[i+1]], its labels the ids where `targets`, else -100. Only
-    the examples asked for become Python lists, so memory does not grow with the data set."""
+class OffsetSequence(Sequence):
+    """A read-only sequence whose item i spans [offsets[i], offsets[i+1]) of some flat storage;
+    a subclass reads that span (`item`). Indexing as for a list: negative indices, slices."""
 
-    def __init__(self, ids: np.ndarray, targets: np.ndarray, offsets: np.ndarray):
-        self.ids, self.targets, self.offsets = ids, targets, offsets
+    def __init__(self, offsets: np.ndarray):
+        self.offsets = offsets  # (E + 1,)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """(E,) tokens per example."""
-        return np.diff(self.offsets)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -216,7 +210,27 @@ class TokenArrays(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.item(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def item(self, start: int, stop: int):
+        raise NotImplementedError
+
+
+class TokenArrays(OffsetSequence):
+    """Examples read lazily from flat arrays (numpy memmaps of the token cache, or arrays in memory):
+    example i is ids[offsets[i]:offsets[i+1]], its labels the ids where `targets`, else -100. Only
+    the examples asked for become Python lists, so memory does not grow with the data set."""
+
+    def __init__(self, ids: np.ndarray, targets: np.ndarray, offsets: np.ndarray):
+        super().__init__(offsets)
+        self.ids, self.targets = ids, targets
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(E,) tokens per example."""
+        return np.diff(self.offsets)
+
+    def item(self, start: int, stop: int) -> TokenizedExample:
         ids = np.asarray(self.ids[start:stop], dtype=np.int64)  # (T,)
         labels = np.where(self.targets[start:stop], ids, IGNORE_INDEX)  # (T,)
         return TokenizedExample(ids.tolist(), labels.tolist())
