@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -49,19 +50,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `corpus` (deterministic for a given corpus and size)."""
+def build_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 512, split: Literal["whitespace", "gpt2"] = "whitespace"
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus` (deterministic for a given corpus and size).
+
+    `split`: how text is cut into words before BPE. `whitespace` makes spaces and newlines tokens of
+    their own, so a word is the same token wherever it stands (after a space, a newline or at the
+    start): copying tasks stay easy for tiny models. `gpt2` is GPT-2's regex, a rule GGUF runtimes
+    know by name (llama.cpp, Ollama), for tests of exported files."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    # Spaces and newlines are tokens of their own, so a word is the same token wherever it stands
-    # (after a space, a newline or at the start): copying tasks stay easy for tiny models.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    if split == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

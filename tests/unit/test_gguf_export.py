@@ -37,15 +37,12 @@ from tunelab.export.modelfile import measure_chat_template, render_pieces
 from tunelab.merging import merge_adapter
 from tunelab.models import check_model_source, load_model, load_tokenizer
 from tunelab.tiny import (
-    ASSISTANT,
     BOS,
     CHAT_TEMPLATE,
     EOS,
     PAD,
-    SPECIAL_TOKENS,
-    SYSTEM,
-    USER,
     build_tiny_model_dir,
+    build_tokenizer,
     default_corpus,
 )
 from tunelab.trained import load_trained
@@ -58,36 +55,11 @@ TEXTS = [
 ]
 
 
-def gpt2_split_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny tokenizer of tunelab.tiny, but splitting text with GPT-2's rule (ByteLevel's regex)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(default_corpus(), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        additional_special_tokens=[USER, ASSISTANT, SYSTEM],
-    )
-    wrapped.chat_template = CHAT_TEMPLATE
-    return wrapped
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Architecture -> tiny model folder (GPT-2 sized as its GGUF reader assumes; Gemma tied)."""
     root = tmp_path_factory.mktemp("gguf-models")
-    tokenizer = gpt2_split_tokenizer()
+    tokenizer = build_tokenizer(default_corpus(), split="gpt2")  # a split rule GGUF knows by name
     sizes = {"gpt2": {"intermediate": 256, "max_positions": 1024}, "gemma": {"tie_embeddings": True}}
     folders = {
         arch: build_tiny_model_dir(root / f"tiny-{arch}", arch, tokenizer, seed=3, **sizes.get(arch, {}))
