@@ -21,7 +21,7 @@ from tunelab.data.collate import count_targets, pad_batch
 from tunelab.data.dataset import prompt_and_reference
 from tunelab.data.formats import Conversation
 from tunelab.data.tokenize import TokenizedExample
-from tunelab.generation import generate
+from tunelab.generation import generate, mixed_precision
 from tunelab.logprobs import model_lm_loss_sum
 
 
@@ -34,9 +34,8 @@ def evaluate_loss(
     max_batches: int | None = None,
     autocast=None,
 ) -> dict:
-    """Per-token eval loss and perplexity over `examples` (optionally the first `max_batches`)."""
-    import contextlib
-
+    """Per-token eval loss and perplexity over `examples` (optionally the first `max_batches`), under
+    `autocast` (a run's) or else the model's own precision (`tunelab.generation.mixed_precision`)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -46,7 +45,7 @@ def evaluate_loss(
         if max_batches is not None and index >= max_batches:
             break
         batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
-        with autocast or contextlib.nullcontext():
+        with autocast or mixed_precision(model):
             total += float(model_lm_loss_sum(model, batch))
         count += count_targets(batch["labels"])
     model.train(was_training)

@@ -20,10 +20,21 @@ since chat models often end a turn with a token that the tokenizer does not call
 at its first EOS; the response is the tokens up to and including it (the whole R columns for a row
 cut at max_new_tokens), and what follows it is padding. The response's text is the tokens before
 the EOS, decoded with special tokens skipped.
+
+Precision. A model of a `train.precision: bf16/fp16` run keeps its trainable parameters in float32
+beside a bfloat16/float16 base (`tunelab.training.setup.prepare_model`), and training computes it
+under autocast. Generation computes any model whose floating parameters are float32 and one half
+dtype the same way, under autocast to the half dtype (`mixed_precision`), whoever calls (evaluation,
+sample prompts, RL rollouts, the commands): a base-model layer trained in float32 (full or partial
+fine-tuning, LoRA's `modules_to_save`, adapters' trained norms) would otherwise hand float32 hidden
+states to the frozen half-precision layers after it. LoRA and adapter layers compute with half
+inputs outside autocast too (a loaded adapter, a `train.precision: fp32` run on a half base); here
+they also run under autocast. A model of one dtype runs as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +85,18 @@ class Responses:
     """Each response decoded without its EOS, special tokens skipped."""
 
 
+def mixed_precision(model: torch.nn.Module):
+    """The context a model computes in (module docstring): autocast to its half dtype when its
+    floating parameters are float32 and one half dtype (float32 master weights beside a bfloat16 or
+    float16 base) and no autocast is on already; else nothing."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = dtypes - {torch.float32}
+    device = next(model.parameters()).device.type
+    if torch.float32 not in dtypes or len(half) != 1 or torch.is_autocast_enabled(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=half.pop())
+
+
 ProcessorFactory = Callable[[int, int, int], LogitsProcessor]
 """(first row, end row, prompt width of the batch) -> a logits processor for those rows."""
 
@@ -92,7 +115,7 @@ def generate(
 
     `options` are `model.generate` keywords that choose the tokens (`do_sample`, `temperature`,
     `top_p`, ...); `processor`, when given, makes each batch's logits processor (keyed sampling).
-    The model runs in eval mode and is put back in the mode it was in.
+    The model runs in eval mode (under `mixed_precision`) and is put back in the mode it was in.
     """
     was_training = model.training
     model.eval()
@@ -109,14 +132,15 @@ def generate(
         extra = {}
         if processor is not None:
             extra["logits_processor"] = LogitsProcessorList([processor(start, stop, width)])
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            **(options or {}),
-            **extra,
-        )  # (B, width + R_b)
+        with mixed_precision(model):
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids,
+                **(options or {}),
+                **extra,
+            )  # (B, width + R_b)
         pieces.append(out[:, width:])  # (B, R_b)
     model.train(was_training)
     length = max(p.shape[1] for p in pieces)

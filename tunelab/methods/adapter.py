@@ -3,7 +3,9 @@
 Each adapter computes f(h) = W_up · act(W_down · h + b_down) + b_up with a bottleneck of b units
 (given directly, or as `reduction_factor` r = d / b), see `adapter_module` for the maths and the
 initialisation (W_up = 0, so a fresh adapter leaves the model's outputs unchanged). The base model
-is frozen; only the adapters (and, with `train_layer_norms`, the layer norms) train.
+is frozen; only the adapters (and, with `train_layer_norms`, the layer norms) train. On a
+bfloat16/float16 base the adapters are float32 (as LoRA's A and B), computing on the half hidden
+states cast up and handing their output back in the stream's dtype.
 
 Placements (where f goes in a pre-norm decoder layer x -> x + Attn(LN(x)) -> x + FFN(LN(x))):
 
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 from tunelab.errors import TunelabError
@@ -212,7 +215,9 @@ def apply(model: nn.Module, options: Options) -> None:
         parent = block.get_submodule(parent_path) if parent_path else block
         base = getattr(parent, child)
         like = next(base.parameters(), reference)
-        adapter = BottleneckAdapter(d, b, options.activation, options.dropout).to(like.device, like.dtype)
+        # float32 beside a half-precision base, as LoRA's A and B (`adapter_module.BottleneckAdapter.forward`)
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter = BottleneckAdapter(d, b, options.activation, options.dropout).to(like.device, dtype)
         wrapper = AdapterLayer(base, adapter, options.scale, options.placement == "parallel")
         setattr(parent, child, wrapper.train(base.training))  # new modules start in training mode
     if options.train_layer_norms:

@@ -67,8 +67,14 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """f(h) in the dtype of `h`. Outside autocast it is computed in the adapter's own dtype (float32
+        master weights beside a bfloat16/float16 base: `tunelab.training.setup.prepare_model`, and a
+        loaded adapter) and cast back; under autocast the matmuls run in the autocast dtype."""
+        dtype = h.dtype
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.down.weight.dtype)
         z = self.act(self.down(h))  # (B, T, b)
-        return self.up(self.dropout(z))  # (B, T, d)
+        return self.up(self.dropout(z)).to(dtype)  # (B, T, d)
 
 
 class AdapterLayer(nn.Module):
@@ -96,7 +102,7 @@ class AdapterLayer(nn.Module):
                 "choose another module with attn_output_module / mlp_module"
             )
         adapter_input = hidden_states if self.parallel else out  # (B, T, d)
-        return out + self.scale * self.adapter(adapter_input)
+        return out + self.scale * self.adapter(adapter_input).to(out.dtype)  # the stream keeps its dtype
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, parallel={self.parallel}"
