@@ -68,8 +68,10 @@ def check_loads_in_transformers(llama_dir, final: Path, method: str) -> None:
     else:
         outside = AutoModelForSequenceClassification.from_pretrained(final).eval()
         assert outside.config.architectures == ["LlamaForSequenceClassification"]
-    ids = torch.tensor([[1, 7, 8, 9, 2], [1, 10, 11, 2, 0]])  # a right-padded batch (pad id 0)
-    mask = (ids != 0).long()
+    # Right-padded rows (pad id 0); the last row also attends to a final pad-id token, as a row ending
+    # in EOS does when the tokenizer pads with EOS: the score is read before it, as transformers does.
+    ids = torch.tensor([[1, 7, 8, 9, 2], [1, 10, 11, 2, 0], [1, 12, 13, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
     with torch.no_grad():
         expected = outside(input_ids=ids, attention_mask=mask).logits[:, 0]
     ours = load_reward_model(final, device="cpu").score(ids, mask)
