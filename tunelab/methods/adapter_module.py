@@ -72,7 +72,7 @@ class BottleneckAdapter(nn.Module):
         loaded adapter) and cast back; under autocast the matmuls run in the autocast dtype."""
         dtype = h.dtype
         if not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.down.weight.dtype)
+            h = h.to(next(self.parameters()).dtype)  # the adapter's own dtype
         z = self.act(self.down(h))  # (B, T, b)
         return self.up(self.dropout(z)).to(dtype)  # (B, T, d)
 

@@ -41,6 +41,7 @@ from torch import nn
 from tunelab.errors import TunelabError
 from tunelab.methods import freeze_all
 from tunelab.methods.adapter_files import WEIGHTS_FILE, options_from_config, write_adapter_folder
+from tunelab.methods.adapter_module import BottleneckAdapter
 from tunelab.methods.inject import decoder_layers, layer_index, name_matches
 from tunelab.methods.lora_io import adapter_tensors, peft_config, read_adapter
 from tunelab.methods.lora_layer import SUPPORTED_LAYERS, LoRALinear, SavedModule
@@ -111,10 +112,15 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
     modules = dict(model.named_modules())
     if target_modules == ALL_LINEAR:
         prefix, _ = decoder_layers(model)
+        # The model's own layers: not those inside an earlier run's bottleneck adapters, kept frozen
+        # under this LoRA when a run starts from that run (`tunelab.trained.load_start`).
+        adapters = tuple(f"{n}." for n, m in modules.items() if isinstance(m, BottleneckAdapter))
         names = [
             n
             for n, m in modules.items()
-            if isinstance(m, SUPPORTED_LAYERS) and layer_index(n, prefix) is not None
+            if isinstance(m, SUPPORTED_LAYERS)
+            and layer_index(n, prefix) is not None
+            and not any(n.startswith(adapter) for adapter in adapters)
         ]
     else:
         names = [n for n in modules if n and name_matches(n, target_modules)]
