@@ -421,7 +421,7 @@ MUTATIONS = [
         "pooling_mask",
         "    return torch.where(not_pad.any(dim=1, keepdim=True), not_pad, mask)",
         "    return mask",
-        ("tests/recipes/test_reward.py", "-k beats_chance"),
+        ("tests/recipes/test_reward.py", "-k pools_where"),
     ),
     # ------------------------------------------------------------------ DoRA, preference losses, data, export
     Mutation(

@@ -247,3 +247,20 @@ def test_a_reward_model_with_another_tokenizer_reads_the_text_again(llama_dir, t
     unused = torch.zeros(2, 1, dtype=torch.long)
     total, parts = rewards.score(prompts, completions, [[5], [6]], {}, unused, unused)
     assert torch.equal(total, parts["model"]) and parts["model"].abs().min() > 0
+
+
+def test_training_pools_where_the_saved_classifier_pools(llama_dir):
+    """The reward a run trains on (`sequence_rewards`) is the score of the classifier it saves, also
+    for a row whose last attended token is the padding id (a tokenizer that pads with EOS)."""
+    from tunelab.models import load_model
+    from tunelab.rl.reward_model import REWARD_HEAD, as_classifier, attach_head, sequence_rewards
+
+    torch.manual_seed(0)
+    model = load_model(str(llama_dir), device="cpu").eval()
+    head = attach_head(model, REWARD_HEAD, bias=False)
+    ids = torch.tensor([[1, 7, 8, 9, 2], [1, 12, 13, 0, 0]])  # pad id 0
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # row 2 attends one pad-id token
+    with torch.no_grad():
+        ours = sequence_rewards(model, head, ids, mask, pad_token_id=0)
+        theirs = as_classifier(model, head, pad_token_id=0)(input_ids=ids, attention_mask=mask).logits[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
