@@ -123,6 +123,23 @@ def test_sequence_logprobs_match_a_full_softmax(llama_dir):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def random_pairs(seed: int, lengths: list[tuple[int, int, int]]) -> tuple[list[tuple], list[PairExample]]:
+    """(prompt, chosen, rejected) lists of random token ids of the given lengths, and the same as
+    pairs whose prompt is not a target."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(10, 400, (n,), generator=g).tolist()
+
+    sides = [(tokens(p), tokens(c), tokens(r)) for p, c, r in lengths]
+    return [
+        PairExample(
+            TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
+        )
+        for p, c, r in sides
+    ]
+
+
 def _plain_completion_logprob(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     """sum_t log p(completion_t | prompt, completion_<t) from one plain forward of the unpadded sequence."""
     ids = torch.tensor([prompt + completion])
@@ -136,22 +153,7 @@ def test_dpo_loss_is_the_formula_on_plain_forwards(llama_dir):
     here on log-probs from plain forwards: Delta = (pi(c) - ref(c)) - (pi(r) - ref(r)),
     L = -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta), for eps = 0 and eps = 0.25.
     Swapping chosen and rejected anywhere turns Delta into -Delta; ignoring eps drops eps * beta * Delta."""
-    g = torch.Generator().manual_seed(7)
-
-    def tokens(n):
-        return torch.randint(10, 400, (n,), generator=g).tolist()
-
-    sides = [
-        (tokens(4), tokens(5), tokens(3)),
-        (tokens(6), tokens(2), tokens(7)),
-        (tokens(3), tokens(4), tokens(4)),
-    ]
-    pairs = [
-        PairExample(
-            TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
-        )
-        for p, c, r in sides
-    ]
+    sides, pairs = random_pairs(7, [(4, 5, 3), (6, 2, 7), (3, 4, 4)])
     reference_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     torch.manual_seed(1)  # A and B: the same policy whatever ran before
@@ -231,22 +233,7 @@ def test_pairwise_losses_are_their_formulas_on_plain_forwards(llama_dir, loss):
     ipo (h - 1/(2 beta))^2, h = (s_c - ref_c) / n_c - (s_r - ref_r) / n_r; simpo
     -log sigma(beta (s_c / n_c - s_r / n_r) - gamma); orpo -a_c - beta log sigma(log odds(a_c) -
     log odds(a_r)), a = s / n, log odds(a) = a - log(1 - e^a). SimPO and ORPO get no reference."""
-    g = torch.Generator().manual_seed(11)
-
-    def tokens(n):
-        return torch.randint(10, 400, (n,), generator=g).tolist()
-
-    sides = [
-        (tokens(4), tokens(5), tokens(2)),
-        (tokens(6), tokens(1), tokens(7)),
-        (tokens(3), tokens(3), tokens(4)),
-    ]
-    pairs = [
-        PairExample(
-            TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
-        )
-        for p, c, r in sides
-    ]
+    sides, pairs = random_pairs(11, [(4, 5, 2), (6, 1, 7), (3, 3, 4)])
     reference_model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     torch.manual_seed(1)

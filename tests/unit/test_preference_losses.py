@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.unit.test_losses_rlhf import Accelerator, metrics
 from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.losses.dpo import ipo_loss
@@ -26,25 +26,6 @@ from tunelab.losses.kto import kto_loss, kto_reference_point
 from tunelab.losses.orpo import log1mexp, orpo_loss
 from tunelab.losses.simpo import simpo_loss
 from tunelab.objectives.dpo import average_logprobs
-
-
-class Accelerator:
-    """Single process: gather and reduce are the identity."""
-
-    device = torch.device("cpu")
-    num_processes = 1
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-
-def metrics():
-    return defaultdict(lambda: defaultdict(list))
 
 
 def per_token(summed: torch.Tensor, lengths: torch.Tensor, width: int, gen) -> torch.Tensor:
