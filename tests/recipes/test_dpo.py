@@ -132,12 +132,13 @@ def random_pairs(seed: int, lengths: list[tuple[int, int, int]]) -> tuple[list[t
         return torch.randint(10, 400, (n,), generator=g).tolist()
 
     sides = [(tokens(p), tokens(c), tokens(r)) for p, c, r in lengths]
-    return [
+    pairs = [
         PairExample(
             TokenizedExample(p + c, [-100] * len(p) + c), TokenizedExample(p + r, [-100] * len(p) + r)
         )
         for p, c, r in sides
     ]
+    return sides, pairs
 
 
 def _plain_completion_logprob(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
