@@ -76,17 +76,24 @@ def trl_dpo_loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0)
     Each sequence has one completion token whose log-prob is the pair's summed log-prob, so TRL's
     sum over the sequence gives exactly the inputs.
     """
-    from trl.trainer.dpo_trainer import DPOTrainer
-
     n = 2 * len(pc)
     log_probs = torch.stack([torch.cat([pc, pr]), torch.zeros(n)], dim=1)  # (2B, T-1), T = 3
+    completion_mask = torch.tensor([[0, 1, 0]] * n)
+    return trl_dpo_compute_loss(log_probs, completion_mask, rc, rr, beta, loss_type, label_smoothing)
+
+
+def trl_dpo_compute_loss(log_probs, completion_mask, rc, rr, beta, loss_type, label_smoothing=0.0):
+    """TRL's `DPOTrainer._compute_loss` on the policy's per-token log-probs (2B, T-1) (chosen rows
+    first), a completion mask (2B, T) and precomputed reference log-probs rc, rr (B,): (loss, metrics)."""
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    n, width = completion_mask.shape
     outputs = SimpleNamespace(
         log_probs=log_probs,
-        entropy=torch.zeros(n, 2),
-        mean_logits=torch.zeros(n, 2),
-        is_top1=torch.zeros(n, 2, dtype=torch.bool),
+        entropy=torch.zeros(n, width - 1),
+        mean_logits=torch.zeros(n, width - 1),
+        is_top1=torch.zeros(n, width - 1, dtype=torch.bool),
     )
-    completion_mask = torch.tensor([[0, 1, 0]] * n)
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=True),
         accelerator=Accelerator(),
@@ -104,8 +111,8 @@ def trl_dpo_loss(pc, pr, rc, rr, beta, loss_type="sigmoid", label_smoothing=0.0)
         _tp_size=1,
     )
     inputs = {
-        "input_ids": torch.zeros(n, 3, dtype=torch.long),
-        "attention_mask": torch.ones(n, 3, dtype=torch.long),
+        "input_ids": torch.zeros(n, width, dtype=torch.long),
+        "attention_mask": torch.ones(n, width, dtype=torch.long),
         "completion_mask": completion_mask,
         "ref_chosen_logps": rc,
         "ref_rejected_logps": rr,

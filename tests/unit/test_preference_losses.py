@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.unit.test_losses_rlhf import Accelerator, metrics
+from tests.unit.test_losses_rlhf import Accelerator, metrics, trl_dpo_compute_loss
 from tunelab.data.collate import pad_batch
 from tunelab.data.tokenize import TokenizedExample
 from tunelab.losses.dpo import ipo_loss
@@ -50,43 +50,11 @@ def completion_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
 def trl_ipo_loss(pc, pr, rc, rr, n_c, n_r, beta):
     """TRL's `DPOTrainer._compute_loss`, loss_type "ipo", reference log-probs precomputed; the
     policy's per-token log-probs spread each sum over that response's completion tokens."""
-    from trl.trainer.dpo_trainer import DPOTrainer
-
     gen = torch.Generator().manual_seed(0)
     lengths = torch.cat([n_c, n_r])
     width = int(lengths.max()) + 2
-    n = len(lengths)
-    outputs = SimpleNamespace(
-        log_probs=per_token(torch.cat([pc, pr]), lengths, width, gen),
-        entropy=torch.zeros(n, width - 1),
-        mean_logits=torch.zeros(n, width - 1),
-        is_top1=torch.zeros(n, width - 1, dtype=torch.bool),
-    )
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=True),
-        accelerator=Accelerator(),
-        aux_loss_enabled=False,
-        ld_alpha=None,
-        precompute_ref_logps=True,
-        f_divergence_type="reverse_kl",
-        loss_types=["ipo"],
-        loss_weights=[1.0],
-        beta=beta,
-        label_smoothing=0.0,
-        use_weighting=False,
-        _metrics=metrics(),
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros(n, width, dtype=torch.long),
-        "attention_mask": torch.ones(n, width, dtype=torch.long),
-        "completion_mask": completion_mask(lengths, width),
-        "ref_chosen_logps": rc,
-        "ref_rejected_logps": rr,
-    }
-    loss = DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
-    return loss, trainer._metrics["train"]
+    log_probs = per_token(torch.cat([pc, pr]), lengths, width, gen)  # (2B, width - 1)
+    return trl_dpo_compute_loss(log_probs, completion_mask(lengths, width), rc, rr, beta, "ipo")
 
 
 def test_ipo_by_hand():
