@@ -462,3 +462,20 @@ def test_kto_steps_pair_each_prompt_with_the_previous_completion_of_the_step(wor
                 assert bool(batch["desirable"][row]) == (i % 3 == 0)
             seen += micro_batch.examples
     assert sorted(seen) == sorted(step_order) == list(range(10))
+
+
+def test_kto_data_take_the_configured_chat_template(tiny_tokenizer, tmp_path):
+    """`data.chat_template` replaces the tokenizer's for KTO's examples too."""
+    import copy
+
+    from tunelab.config import DataConfig
+    from tunelab.data.unpaired import prepare_unpaired
+
+    source = tmp_path / "kto.jsonl"
+    source.write_text(json.dumps({"prompt": "Say hi.", "completion": "hi", "label": True}) + "\n")
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    cfg = DataConfig(train=str(source), template="chat", chat_template=template, cache_dir=None)
+    data = prepare_unpaired(cfg, tokenizer)
+    assert tokenizer.chat_template == template
+    assert tokenizer.decode(data.train[0].prompt_ids).startswith("<user>Say hi.")

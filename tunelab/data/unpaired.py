@@ -38,7 +38,7 @@ from tunelab.data.preference import (
     to_preference_pair,
 )
 from tunelab.data.splits import eval_source
-from tunelab.data.templates import choose_template, render_segments
+from tunelab.data.templates import choose_template, override_chat_template, render_segments
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, adds_bos, encode_segments
 from tunelab.errors import DataError
 
@@ -163,6 +163,7 @@ def prepare_unpaired(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     def check(record, source, number):
         return to_unpaired_records(record, source, number, cfg.system_prompt)
 
+    override_chat_template(cfg.chat_template, tokenizer)  # as prepare_data and prepare_preferences do
     if cfg.format == "preference":  # pairs are read and unpaired
         cfg = dataclasses.replace(cfg, format="auto")
     train_groups, eval_groups, notes = _train_and_eval(cfg, FORMAT, check, seed)
