@@ -37,7 +37,7 @@ from tunelab.data.preference import (
     _train_and_eval,
     to_preference_pair,
 )
-from tunelab.data.splits import eval_source
+from tunelab.data.splits import describe, eval_source
 from tunelab.data.templates import choose_template, override_chat_template, render_segments
 from tunelab.data.tokenize import IGNORE_INDEX, TokenizedExample, adds_bos, encode_segments
 from tunelab.errors import DataError
@@ -172,7 +172,7 @@ def prepare_unpaired(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     template = choose_template(cfg.template, tokenizer)
     train = _encode_split(train_records, tokenizer, template, cfg.max_length, "training", notes)
     if not train:
-        raise DataError(cfg.train, None, None, "no example has a completion within max_length")
+        raise DataError(describe(cfg.train), None, None, "no example has a completion within max_length")
     held_out = None
     if eval_records:
         held_out = _encode_split(eval_records, tokenizer, template, cfg.max_length, "eval", notes)
