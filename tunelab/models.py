@@ -48,7 +48,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return chosen
 
 
-def _looks_like_local_path(name: str) -> bool:
+def looks_like_local_path(name: str) -> bool:
+    """A name meant as a local path (starts with `.`, `/`, `~`, exists, or has more than one `/`),
+    as opposed to a hub id `owner/name`."""
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
@@ -56,7 +58,7 @@ def check_model_source(name_or_path: str) -> None:
     """Fail early, with a clear message, for a local path that does not exist."""
     if not isinstance(name_or_path, str):
         raise TunelabError(f"a model must be named by a hub id or a folder path, not {name_or_path!r}")
-    if _looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise TunelabError(f"model path {name_or_path!r} does not exist")
 
 

@@ -42,7 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.logprobs import final_hidden
-from tunelab.models import load_tokenizer
+from tunelab.models import load_tokenizer, looks_like_local_path
 from tunelab.rl.advantages import last_token_index
 
 REWARD_HEAD, VALUE_HEAD = "reward_head", "value_head"
@@ -266,7 +266,7 @@ def load_reward_model(
 
     folder = resolve_model_dir(path)
     local = folder.exists()
-    if not local and (str(path).startswith((".", "/", "~")) or str(path).count("/") > 1):
+    if not local and looks_like_local_path(str(path)):
         raise TunelabError(f"reward model {str(path)!r} does not exist; train one with `objective: reward`")
     info = _read_info(folder) if local else {}
     if local and (folder / HEAD_FILE).is_file():
