@@ -142,7 +142,7 @@ def write_reward_info(final_dir: Path, size: int, template: str, method: str, ba
     (final_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def as_classifier(model: PreTrainedModel, head: nn.Linear, pad_token_id: int) -> PreTrainedModel:
+def as_classifier(model: PreTrainedModel, head: nn.Linear, pad_token_id: int | None) -> PreTrainedModel:
     """`model`'s architecture as `XForSequenceClassification` with one label: the same backbone
     module (shared, not copied) and `head` as its bias-free `score`. What a reward run saves."""
     from transformers import AutoModelForSequenceClassification
@@ -231,13 +231,13 @@ def load_classifier(
     from tunelab.methods import get_method
     from tunelab.methods.adapter_files import is_adapter_folder
     from tunelab.models import DTYPES, resolve_device
-    from tunelab.trained import adapter_base, adapter_method_of, load_start, tokenizer_source
+    from tunelab.trained import adapter_base, adapter_method_of, load_start
 
     folder = Path(source)
     if folder.is_dir() and is_adapter_folder(folder):
         causal, _ = load_start(adapter_base(folder), dtype=dtype, device=device)
-        pad = load_tokenizer(tokenizer_source(str(folder))).pad_token_id
-        model = as_classifier(causal, nn.Linear(hidden_size(causal), 1, bias=False), pad)
+        # The padding id comes with the tokenizer (`load_reward_model` sets it).
+        model = as_classifier(causal, nn.Linear(hidden_size(causal), 1, bias=False), pad_token_id=None)
         get_method(adapter_method_of(folder)).load(model, folder, trainable=False)
     else:
         try:
