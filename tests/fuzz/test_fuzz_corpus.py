@@ -1,4 +1,4 @@
-"""Issue 21's fuzz corpus (tests/fuzz/corpus.py) fed to the command line.
+"""Issue 21's fuzz corpus (the package tests/fuzz/corpus/) fed to the command line.
 
 Every case runs in this process through `tunelab.cli.main(argv)`, the code path of `tunelab ...`
 without the interpreter's start (a few seconds each, too slow for hundreds of cases): `main`
