@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tunelab.defaults import resolve_defaults
 from tunelab.errors import ConfigError
 
 
@@ -47,9 +48,11 @@ class ModelConfig:
     """When `name_or_path` is an earlier adapter run: `merge` folds a LoRA adapter into the weights in
     memory (other adapters stay applied, frozen) and the method applies on top, so the reference policy
     is the earlier run's model; `continue` trains the earlier adapter itself further (same method)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the weights are loaded in. Trainable parameters are kept in float32 when `train.precision`
-    is `bf16`/`fp16` autocast; see `train.precision`."""
+    is `bf16`/`fp16` autocast; see `train.precision`. `auto`: bfloat16 for a frozen base (lora, adapter,
+    prefix, partial) where the device computes bf16 natively (CUDA with bf16, a CPU with AVX-512 BF16 or
+    AMX), else float32; float32 for `full` (see tunelab/defaults.py)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     trust_remote_code: bool = False
@@ -58,6 +61,10 @@ class ModelConfig:
     """Override the attention kernel (`eager`, `sdpa`, `flash_attention_2`); default: transformers' choice."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    checkpoint_every: int = 1
+    """With `gradient_checkpointing`, checkpoint every N-th decoder layer only (layers 0, N, 2N, ...);
+    the others keep their activations. 1 checkpoints all of them; 2 about half: half the memory
+    saving for half the recomputation (`tunelab inspect` shows the plan)."""
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     """Load the frozen base quantised (bitsandbytes): `bits`, `quant_type`, `double_quant`, `compute_dtype`."""
 
@@ -156,8 +163,10 @@ class DataConfig:
     """Use at most this many training records (handy for smoke runs)."""
     system_prompt: str | None = None
     """A system message put before every chat/instruction prompt."""
-    packing: bool = False
-    """Pack several examples into each row (padding-free), with attention that cannot cross examples."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several examples into each row (padding-free), with attention that cannot cross examples.
+    `auto`: on for SFT with every method but prefix (which pads, saying so); off for the objectives
+    that pad (reward, dpo, kto, ppo, grpo)."""
     native_attention: bool = True
     """With packing on CPU, attend through tunelab's C++ kernel (float32, built at first use; SDPA
     where it cannot be built). False keeps PyTorch's SDPA, one call per example."""
@@ -183,6 +192,12 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step. The loss is normalised by the target tokens of all of them,
     so `batch_size=8, grad_accum=1` gives the same step as `batch_size=1, grad_accum=8`."""
+    max_micro_batch_tokens: int | None = None
+    """SFT: the most token slots one forward pass holds (per device). A micro-batch whose packed row
+    (its examples' lengths summed) or padded rows (rows x the longest) would hold more is split into
+    consecutive sub-batches, run one after the other in the same optimizer step; the loss is still
+    normalised by the step's target tokens, so the step is the same (up to summation order) and only
+    the activation memory is bounded. At least `data.max_length`; unset: no bound."""
     lr: float = 2e-4
     """Peak learning rate."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -197,8 +212,10 @@ class TrainConfig:
     """AdamW betas."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value (unset: no clipping)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision: `bf16`/`fp16` run the forward under autocast with float32 master weights."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: `bf16`/`fp16` run the forward under autocast with float32 master weights.
+    `auto`: `bf16` where the device computes bf16 natively, else `fp32` (`fp16` with a float16
+    `model.dtype`); see tunelab/defaults.py."""
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     """Data parallelism when launched by `torchrun` with several processes (ignored otherwise):
     `ddp` replicates the model, `fsdp` shards parameters, gradients and optimizer state (FSDP2);
@@ -274,6 +291,14 @@ class RunConfig:
     """Evaluation by generation."""
     output_dir: str = "runs/default"
     """Folder of the run: metrics.jsonl, checkpoints/step-N/, final/, loss.png."""
+    default_notes: list[str] = field(
+        default_factory=list, init=False, repr=False, metadata={"internal": True}
+    )
+    """The lines the run prints about the `auto` values the config resolved to (tunelab/defaults.py);
+    not part of the config itself."""
+    auto_keys: list[str] = field(default_factory=list, init=False, repr=False, metadata={"internal": True})
+    """The keys that were `auto` before `resolve_defaults` (`data.packing`, ...): a recipe may still fall
+    back from one of them (sft pads where the model cannot take packed attention)."""
 
     def to_dict(self) -> dict:
         """Plain nested dict (what `config.yaml` in the run folder holds)."""
@@ -400,6 +425,7 @@ def build_config(data: dict, source: str = "") -> RunConfig:
         *_build_named_section(objective, "objective", source, OBJECTIVE_MODULES, "sft")
     )
     _check_run(config, source)
+    resolve_defaults(config)
     return config
 
 
@@ -416,8 +442,20 @@ def _check_run(config: RunConfig, source: str) -> None:
         (0 <= config.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)"),
         (config.data.max_length >= 8, "data.max_length", "must be at least 8"),
         (config.train.keep_last >= 1, "train.keep_last", "must be at least 1"),
+        (config.model.checkpoint_every >= 1, "model.checkpoint_every", "must be at least 1"),
         (config.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be at least 0"),
         (len(config.train.betas) == 2, "train.betas", "must hold two numbers"),
+        (
+            config.train.max_micro_batch_tokens is None
+            or config.train.max_micro_batch_tokens >= config.data.max_length,
+            "train.max_micro_batch_tokens",
+            f"must be at least data.max_length ({config.data.max_length}): one example must fit",
+        ),
+        (
+            config.train.max_micro_batch_tokens is None or config.objective.name == "sft",
+            "train.max_micro_batch_tokens",
+            f"applies to objective sft only, not {config.objective.name}; unset it",
+        ),
     ]
     for ok, key, problem in checks:
         if not ok:
@@ -428,7 +466,7 @@ def _check_run(config: RunConfig, source: str) -> None:
             "weights cannot); use lora, adapter or prefix, or set model.quantization.bits: null"
         )
         raise ConfigError(f"model.quantization.bits: {problem} {where}".strip())
-    if config.data.packing and config.method.name == "prefix" and config.objective.name == "sft":
+    if config.data.packing is True and config.method.name == "prefix" and config.objective.name == "sft":
         problem = (
             "cannot be used with method.name: prefix (prefix tuning's prefix is a key/value cache "
             "before the tokens, which packed attention cannot take); turn data.packing off"
@@ -573,7 +611,8 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (MethodConfig, ObjectiveConfig)):
         return {"name": obj.name, **to_plain(obj.options)}
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        fields = [f for f in dataclasses.fields(obj) if not f.metadata.get("internal")]
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields}
     if isinstance(obj, list):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):

@@ -16,8 +16,9 @@ config, in bytes per device, for N processes (`train.strategy: fsdp` shards the 
                   loop sets them to None after each step).
     activations   saved for backward, for tokens = `train.batch_size` x `data.max_length`, the longest
                   micro-batch (with `data.packing` its examples make one padding-free row of at most
-                  that many tokens: the same bound, a lower typical peak), a = 4 bytes (2 under
-                  bf16/fp16 autocast), per token:
+                  that many tokens: the same bound, a lower typical peak), or
+                  `train.max_micro_batch_tokens` when smaller (a forward pass holds at most that many),
+                  a = 4 bytes (2 under bf16/fp16 autocast), per token:
                     per decoder layer (Llama-style: pre-norm attention + gated MLP)
                       A = 9 H + 3 H_kv + 4 I          (gated MLP; 2 I for a plain one)
                         the norms' inputs and outputs 4 H; q, k, v and the rotated q, k 2 H + 3 H_kv;
@@ -29,6 +30,8 @@ config, in bytes per device, for N processes (`train.strategy: fsdp` shards the 
                       LoRA dropout keeps each wrapped linear's dropped input and its one-byte mask
                     saved, without checkpointing   L x A
                     saved, with checkpointing      L x H (each block's input)
+                    saved, checkpointing every N-th block (`model.checkpoint_every`)
+                                                   k x H + (L - k) x A,  k = ceil(L / N)
                   and the embedding output and final norm 3 H, the chunked loss's dL/dh, H float32.
     working       backward's working set for one block, per token: W = 2 I + 4 H (the gradients of
                   its tensors), + A with checkpointing (the block recomputed).
@@ -210,14 +213,23 @@ def per_layer_activations(shape: Shape) -> int:
     return values
 
 
-def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, act_bytes: int) -> tuple[int, int]:
-    """(activations saved for backward, backward's working set) for `tokens` tokens (module docstring)."""
+def activation_bytes(shape: Shape, tokens: int, checkpointed: int, act_bytes: int) -> tuple[int, int]:
+    """(activations saved for backward, backward's working set) for `tokens` tokens, with
+    `checkpointed` of the decoder blocks checkpointed (module docstring)."""
     block = per_layer_activations(shape) * act_bytes + shape.dropout_inputs * (act_bytes + 1)  # + bool mask
     working = (2 * shape.intermediate + 4 * shape.hidden) * act_bytes
     outside = 3 * shape.hidden * act_bytes + 4 * shape.hidden  # embedding, final norm; dL/dh float32
-    if checkpointing:
-        return tokens * (shape.layers * shape.hidden * act_bytes + outside), tokens * (block + working)
-    return tokens * (shape.layers * block + outside), tokens * working
+    saved = checkpointed * shape.hidden * act_bytes + (shape.layers - checkpointed) * block
+    if checkpointed:
+        working += block  # the block recomputed
+    return tokens * (saved + outside), tokens * working
+
+
+def checkpointed_layers(config: RunConfig, layers: int) -> int:
+    """Decoder blocks checkpointed: none, or every `model.checkpoint_every`-th, k = ceil(L / N)."""
+    if not config.model.gradient_checkpointing:
+        return 0
+    return -(-layers // config.model.checkpoint_every)
 
 
 def loss_bytes(shape: Shape, tokens: int, chunked: bool, chunk_size: int) -> int:
@@ -238,8 +250,11 @@ def plan(model: nn.Module, config: RunConfig, world_size: int = 1) -> MemoryPlan
     shape = model_shape(model, layers_prefix, layers)
     frozen, trainable, gradients, largest_quantized = weight_bytes(model, config, layers_prefix)
     tokens = config.train.batch_size * config.data.max_length
+    if config.train.max_micro_batch_tokens is not None:
+        tokens = min(tokens, config.train.max_micro_batch_tokens)
     act_bytes = 4 if config.train.precision == "fp32" else 2
-    activations, working = activation_bytes(shape, tokens, config.model.gradient_checkpointing, act_bytes)
+    checkpointed = checkpointed_layers(config, shape.layers)
+    activations, working = activation_bytes(shape, tokens, checkpointed, act_bytes)
     loss = loss_bytes(shape, tokens, config.train.chunked_loss, config.train.loss_chunk_size)
     transient = largest_quantized
     if shape.dora and not config.model.quantization.bits:
@@ -258,7 +273,10 @@ def describe_plan(memory: MemoryPlan, config: RunConfig) -> str:
     """The lines `tunelab inspect` prints for a plan."""
     quant = config.model.quantization
     weights = f"{quant.bits}-bit" if quant.bits else config.model.dtype
-    ckpt = "on" if config.model.gradient_checkpointing else "off"
+    ckpt = "off"
+    if config.model.gradient_checkpointing:
+        every = config.model.checkpoint_every
+        ckpt = "on" if every == 1 else f"every {every} layers"
     loss = f"chunked, {config.train.loss_chunk_size}" if config.train.chunked_loss else "full logits"
     rows = [
         (f"weights ({weights})", memory.weights),

@@ -33,6 +33,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import PINNED_MODEL, PINNED_TRAIN
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "models" / "demo-base"  # shipped, pre-trained: its greedy answers are words, not EOS
 DEMO_TRAIN = ROOT / "data" / "demo" / "train.jsonl"
@@ -115,14 +117,23 @@ def demo_data(eval_file: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, demo_eval):
     """`tunelab train` of a 6-step LoRA SFT run of the demo model, checkpoints every 2 steps:
-    (config file, run folder, the finished process)."""
+    (config file, run folder, the finished process). float32 and fp32 pinned: `tunelab eval` (float32,
+    no autocast) must measure what the run measured; packing is left to its default (on)."""
     root = tmp_path_factory.mktemp("sft")
     config = write_config(
         root / "sft.yaml",
-        model={"name_or_path": str(DEMO_MODEL)},
+        model={"name_or_path": str(DEMO_MODEL), **PINNED_MODEL},
         method=LORA,
         data=demo_data(demo_eval),
-        train={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "save_every": 2, "eval_every": 3, **QUIET},
+        train={
+            "max_steps": 6,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "save_every": 2,
+            "eval_every": 3,
+            **PINNED_TRAIN,
+            **QUIET,
+        },
         eval={"max_new_tokens": MAX_NEW_TOKENS, "num_examples": 8, "batch_size": 8},
         output_dir=str(root / "run"),
     )
@@ -359,9 +370,9 @@ def test_batched_left_padded_generation_after_a_packed_run(demo_eval, tmp_path, 
     out = tmp_path / "packed"
     config = write_config(
         tmp_path / "packed.yaml",
-        model={"name_or_path": str(DEMO_MODEL)},
+        model={"name_or_path": str(DEMO_MODEL), **PINNED_MODEL},  # `eval` in float32 measures the run's loss
         data=demo_data(demo_eval, packing=True),
-        train={"max_steps": 3, "batch_size": 8, "lr": 3e-3, **QUIET},
+        train={"max_steps": 3, "batch_size": 8, "lr": 3e-3, **PINNED_TRAIN, **QUIET},
         eval={"max_new_tokens": MAX_NEW_TOKENS, "num_examples": 8, "batch_size": 8},
         output_dir=str(out),
     )

@@ -45,7 +45,7 @@ def lora_gradients(config, scale_loss: float, scaled: bool) -> dict[str, torch.T
     if not scaled:
         run.scaler = None
     optimizer = build_optimizer(run.model, config.train)
-    batch = next(sft.sft_batches(run, load_examples(run), position=0))
+    (batch,) = next(sft.sft_batches(run, load_examples(run), position=0))
     with run.autocast():
         loss, _ = sft.sft_loss(run, batch.tensors)
     run.backward(loss * scale_loss)
@@ -168,7 +168,7 @@ def test_a_gradient_that_is_not_finite_is_not_applied(llama_dir, instruction_dat
     assert math.isnan(norm) and not applied
     assert all(torch.equal(p, before[n]) for n, p in run.model.named_parameters() if p.requires_grad)
     assert all(p.grad is None for p in run.model.parameters())
-    batch = next(sft.sft_batches(run, load_examples(run), position=0))
+    (batch,) = next(sft.sft_batches(run, load_examples(run), position=0))
     figures = accumulated_step(run, optimizer, [batch], lambda tensors: sft.sft_loss(run, tensors))
     assert figures["skipped"] == 0 and "skipped_examples" not in figures
 

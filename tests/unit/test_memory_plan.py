@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import PINNED_MODEL, PINNED_TRAIN
 from tunelab.cli import main
 from tunelab.config import load_config
 from tunelab.errors import TunelabError
@@ -47,10 +48,10 @@ def run_config(model_dir, method=None, model=None, train=None, data=None):
     return load_config(
         None,
         [],
-        model={"name_or_path": str(model_dir), **(model or {})},
+        model={"name_or_path": str(model_dir), **PINNED_MODEL, **(model or {})},
         method=method or {"name": "full"},
         data={"train": "unused.jsonl", "max_length": 16, **(data or {})},
-        train={"batch_size": 2, **(train or {})},
+        train={"batch_size": 2, **PINNED_TRAIN, **(train or {})},
     )
 
 
@@ -69,6 +70,13 @@ def test_full_fine_tuning_parts(model_dir):
     assert memory.total == 3 * 106_816 * 4 + 106_816 * 4 + 65_536
     with_checkpointing = planned(run_config(model_dir, model={"gradient_checkpointing": True}))
     assert (with_checkpointing.activations, with_checkpointing.working) == (49_152, 217_088)
+    # every 2nd of the 2 blocks: one keeps its input only (64 x 4 bytes a token), the other all it
+    # saves (4,736 bytes a token, from the two figures above), + 1,024 outside the blocks
+    every_2nd = planned(run_config(model_dir, model={"gradient_checkpointing": True, "checkpoint_every": 2}))
+    assert (every_2nd.activations, every_2nd.working) == (32 * (256 + 4_736 + 1_024), 217_088)
+    # a budget of 16 tokens per forward pass halves the 2 x 16 tokens of the micro-batch
+    budgeted = planned(run_config(model_dir, train={"max_micro_batch_tokens": 16}))
+    assert budgeted.tokens == 16 and budgeted.activations == memory.activations // 2
     unchunked = planned(run_config(model_dir, train={"chunked_loss": False}))
     assert unchunked.loss == 4 * 32 * 256 * 4
 

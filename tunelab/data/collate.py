@@ -55,6 +55,36 @@ def batch_stream(
         epoch, offset = epoch + 1, 0
 
 
+def token_slots(lengths: list[int], packed: bool) -> int:
+    """Token slots one forward pass over examples of `lengths` holds: sum_i T_i in one packed row,
+    B x max_i T_i padded."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def split_by_tokens(
+    lengths: list[int], budget: int, packed: bool, parts: int | None = None
+) -> list[list[int]] | None:
+    """Positions 0..B-1 of a micro-batch's examples (of `lengths`) in consecutive groups, each within
+    `budget` token slots (`token_slots`; every T_i <= budget). Greedy: a group grows until the next
+    example would overflow it, giving the fewest groups for this order. With `parts`, exactly that
+    many groups: the group of most examples is halved until there are (any part of a group fits
+    too); None when the examples are too few for `parts` non-empty groups."""
+    groups: list[list[int]] = []
+    for position, length in enumerate(lengths):
+        current = groups[-1] if groups else None
+        if current is None or token_slots([lengths[j] for j in current] + [length], packed) > budget:
+            groups.append([position])
+        else:
+            current.append(position)
+    while parts is not None and len(groups) < parts:
+        largest = max(range(len(groups)), key=lambda g: len(groups[g]))
+        group = groups[largest]
+        if len(group) < 2:
+            return None
+        groups[largest : largest + 1] = [group[: len(group) // 2], group[len(group) // 2 :]]
+    return groups
+
+
 def pad_batch(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, labels, each (B, T)."""
     width = max(len(e.input_ids) for e in examples)
