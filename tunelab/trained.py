@@ -190,11 +190,15 @@ def load_start(
     return model, start
 
 
-def start_model(config, device: torch.device) -> tuple[torch.nn.Module, StartingPoint]:
+def start_model(
+    config, device: torch.device, skeleton: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, StartingPoint]:
     """Load `config.model` and apply `config.method`: the model a run trains, and where it started.
 
     From a base model or a merged earlier run the method applies fresh; with `earlier_adapter:
     continue` the earlier adapter is the method (its saved options replace `method.options`).
+    `skeleton`: the base model built without its weights (sharded loading under FSDP,
+    `tunelab.training.sharded_load`), used in place of loading it.
     """
     continuing = config.model.earlier_adapter == "continue"
     if continuing and not is_earlier_run(config.model.name_or_path):
@@ -202,6 +206,10 @@ def start_model(config, device: torch.device) -> tuple[torch.nn.Module, Starting
             f"model.earlier_adapter=continue, but model.name_or_path={config.model.name_or_path!r} is not "
             "an earlier run or adapter folder"
         )
+    if skeleton is not None:
+        method = get_method(config.method.name)
+        method.apply(skeleton, config.method.options)
+        return skeleton, StartingPoint(base=config.model.name_or_path)
     model, start = load_start(
         config.model.name_or_path,
         dtype=config.model.dtype,

@@ -174,16 +174,27 @@ def test_resume_under_two_ranks_equals_no_stop(runs, name):
     )
 
 
-def test_distributed_checkpoint_has_the_single_device_format(runs):
-    """FSDP shards are gathered: the checkpoint holds whole tensors under the same names as a
-    single-process checkpoint, plus every rank's RNG state."""
+def test_distributed_checkpoints_ddp_whole_fsdp_sharded(runs):
+    """DDP writes the single-device format. FSDP writes no whole tensor: every rank's rows of the
+    trainable parameters and of their optimizer state, under the single-process names, in its own
+    file of `sharded/` (tests/distributed/test_sharded.py resumes them). Both keep every rank's
+    RNG state."""
     root, _, _ = runs
     single = root / "single_lora" / "checkpoints" / "step-3"
+    ddp = root / "ddp_gpt2" / "checkpoints" / "step-3"
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
     multi = root / "fsdp_lora" / "checkpoints" / "step-3"
-    assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
-    for file in ("trainable.safetensors", "optimizer.safetensors"):
-        a, b = load_file(multi / file), load_file(single / file)
-        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    names = {"trainable.safetensors", "optimizer.safetensors"}
+    assert sorted(p.name for p in multi.iterdir()) == sorted(
+        {p.name for p in single.iterdir()} - names | {"sharded"}
+    )
+    shards = [load_file(f) for f in sorted((multi / "sharded").iterdir())]
+    assert len(shards) == 2
+    whole = load_file(single / "trainable.safetensors")
+    for name, tensor in whole.items():  # rows split over the two files
+        assert sum(s[f"model.{name}"].shape[0] for s in shards) == tensor.shape[0]
+        assert shards[0][f"model.{name}"].shape[0] < tensor.shape[0]
+        assert f"optimizer.{name}.exp_avg" in shards[0]
     rng = load_file(multi / "rng.safetensors")
     assert {"torch", "rank0.torch", "rank1.torch"} <= set(rng)
     state = json.loads((multi / "state.json").read_text())

@@ -114,6 +114,22 @@ def test_two_ranks_equal_one_process_with_double_batch(objective_runs, tiny_mode
     assert_same_updates(multi / "final" / weights, single / "final" / weights, tiny_model_dirs["llama"])
 
 
+@pytest.mark.parametrize("name", [name for name in RUNS if name.startswith(("reward", "dpo"))])
+def test_held_out_figures_before_training_equal_one_process(objective_runs, name):
+    """The held-out figures taken before training (`*_before`; the reward and DPO runs here have
+    held-out pairs) are those of one process: each recipe takes them once `run.dist.wrap` ran,
+    which under FSDP is where each rank reads its shard of the weights (before it, the model has
+    no weights yet)."""
+    single, multi = (
+        json.loads((run / "summary.json").read_text())
+        for run in (objective_runs / f"single_{name}", objective_runs / name)
+    )
+    before = {key: value for key, value in single.items() if key.endswith("_before")}
+    assert before
+    for key, value in before.items():
+        assert multi[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
 def assert_same_updates(got_file, expected_file, model_dir, rel=1e-2):
     """The training updates (trained - base weights; a LoRA's tensors themselves) agree within `rel`
     of their norm, tensor by tensor. (Adam turns floating-point noise in gradients as small as its

@@ -104,9 +104,11 @@ def run(config: RunConfig) -> dict:
     run.print(f"[tunelab] loss: {options.loss}; reference policy: {kind}")
     figures = partial(dpo_figures, model, reference, options)
     evaluate = partial(held_out_pair_figures, run, data.eval, figures) if data.eval else None
+    # DDP or FSDP2 under torchrun (the reference copy is made and sharded first; under FSDP each
+    # rank reads its shard of the weights here, so the held-out figures come after it).
+    run.dist.wrap(model)
     before = evaluate() if evaluate else {}
     steps = total_steps(run, -(-len(data.train) // run.global_batch))
-    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the reference copy is made and sharded first)
     optimizer = build_optimizer(model, cfg)
     start = resume(run, optimizer)
     batches = pair_batches(run, data.train, position=start * cfg.grad_accum)

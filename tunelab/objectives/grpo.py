@@ -94,9 +94,11 @@ def run(config: RunConfig) -> dict:
     )
     policy = Policy(model, reference, options)
     evaluate = online.evaluate if online.data.eval else None
+    # DDP or FSDP2 under torchrun (the reference copy comes first; under FSDP each rank reads its
+    # shard of the weights here, so the held-out figures come after it).
+    run.dist.wrap(model)
     before = evaluate() if evaluate else {}
     steps = online.steps()
-    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the reference copy comes first)
     optimizer = build_optimizer(model, config.train)
     start = resume(run, optimizer)
     prompt_batches = online.prompt_batches(position=start)

@@ -82,9 +82,11 @@ def run(config: RunConfig) -> dict:
     reference = Reference(model, run.method, run.dist.frozen_copy, run.start)
     run.print(f"[tunelab] reference policy: {reference.kind}")
     evaluate = partial(held_out_figures, run, data.eval, reference, options) if data.eval else None
+    # DDP or FSDP2 under torchrun (the reference copy is made and sharded first; under FSDP each
+    # rank reads its shard of the weights here, so the held-out figures come after it).
+    run.dist.wrap(model)
     before = evaluate() if evaluate else {}
     steps = total_steps(run, -(-len(data.train) // run.global_batch))
-    run.dist.wrap(model)  # DDP or FSDP2 under torchrun (the reference copy is made and sharded first)
     optimizer = build_optimizer(model, cfg)
     start = resume(run, optimizer)
     step_batches = kto_steps(run, data.train, position=start * cfg.grad_accum)

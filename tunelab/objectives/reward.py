@@ -75,11 +75,13 @@ def run(config: RunConfig) -> dict:
     run.dist.find_unused_parameters = True
     figures = partial(reward_figures, run.model, head, pad, center)
     evaluate = partial(held_out_pair_figures, run, data.eval, figures) if data.eval else None
+    # DDP or FSDP2 under torchrun (the head is attached first; under FSDP each rank reads its shard
+    # of the weights here, so the held-out figures come after it).
+    run.dist.wrap(run.model)
     before = evaluate() if evaluate else {}
     if before:
         run.print(f"[tunelab] before training: eval_accuracy={before['eval_accuracy']:.4f}")
     steps = total_steps(run, -(-len(data.train) // run.global_batch))
-    run.dist.wrap(run.model)  # DDP or FSDP2 under torchrun (the head is attached first)
     optimizer = build_optimizer(run.model, cfg)
     start = resume(run, optimizer)
     batches = pair_batches(run, data.train, position=start * cfg.grad_accum)

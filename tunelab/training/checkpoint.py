@@ -11,8 +11,12 @@
 A checkpoint is written to `step-N.tmp/` and renamed when complete, so a crash mid-write leaves the
 previous checkpoints intact; only the last `keep_last` are kept.
 
-Distributed runs (tunelab.training.distributed) write the same files: FSDP shards are gathered
-and rank 0 writes; `rng.safetensors` and `state.json` also hold every rank's RNG states.
+Distributed runs (tunelab.training.distributed): `rng.safetensors` and `state.json` also hold every
+rank's RNG states. DDP writes the same files. FSDP writes no whole tensor: `trainable.safetensors`
+and `optimizer.safetensors` give way to `sharded/`, where every rank writes its own rows with
+torch.distributed.checkpoint (tunelab.training.sharded_checkpoint), and `optimizer.json` names the
+state by parameter. Such a checkpoint resumes under FSDP on any number of ranks (DCP reshards), and
+in one process or under DDP too (each reads whole tensors).
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError, one_line
 from tunelab.methods import trainable_parameters
-from tunelab.training.distributed import full_tensor, shard_like
+from tunelab.training.distributed import full_tensor, reshard, shard_like
 from tunelab.training.rng import restore_rng, rng_states
+from tunelab.training.sharded_checkpoint import SHARDED_DIR, is_sharded_model, load_sharded, save_sharded
 from tunelab.weights import load_into
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -104,11 +110,16 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step-N` atomically and prune old ones; returns its folder.
 
-    In a distributed run every rank calls this (sharded tensors are gathered collectively) and only
-    the main rank (`is_main`) writes."""
+    In a distributed run every rank calls this and only the main rank (`is_main`) writes, except
+    under FSDP, where every rank writes its shards to `sharded/` (no tensor is gathered)."""
     root = output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
+    reshard(model)  # FSDP: after an evaluation the root holds its gathered parameters
+    if is_sharded_model(model):
+        return _save_sharded_checkpoint(
+            output_dir, step, model, optimizer, data_position, config_yaml, keep_last, extra_state, is_main
+        )
     weights = {
         name: full_tensor(p).detach().contiguous().cpu() for name, p in trainable_parameters(model).items()
     }
@@ -123,19 +134,46 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         save_file(weights, tmp / "trainable.safetensors")
         save_file(opt_tensors, tmp / "optimizer.safetensors")
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        save_file(rng, tmp / "rng.safetensors")
-        state = {
-            "step": step,
-            "data_position": data_position,
-            **rng_json,
-            **(extra_state or {}),
-        }
-        (tmp / "state.json").write_text(json.dumps(state))
-        (tmp / "config.yaml").write_text(config_yaml)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        _write_rest(tmp, final, opt_meta, rng, rng_json, step, data_position, config_yaml, extra_state)
+    for old in checkpoint_dirs(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_rest(tmp, final, opt_meta, rng, rng_json, step, data_position, config_yaml, extra_state) -> None:
+    """The files both formats share (optimizer.json, RNG, state, config), then `tmp` -> `final`."""
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    save_file(rng, tmp / "rng.safetensors")
+    state = {"step": step, "data_position": data_position, **rng_json, **(extra_state or {})}
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "config.yaml").write_text(config_yaml)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _save_sharded_checkpoint(
+    output_dir, step, model, optimizer, data_position, config_yaml, keep_last, extra_state, is_main
+) -> Path:
+    """`save_checkpoint` under FSDP: rank 0 makes `step-N.tmp/`, every rank writes its shards to
+    `step-N.tmp/sharded/` (tunelab.training.sharded_checkpoint), rank 0 writes the rest and renames."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    previous = latest_checkpoint(output_dir)
+    kept = f"the last checkpoint, {previous or 'none'}, is intact"
+    if is_main:
+        with written(tmp, f"checkpoint {final}", kept):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+    dist.barrier()
+    with written(tmp, f"checkpoint {final}", kept):
+        opt_meta = save_sharded(tmp, model, optimizer)  # collective: returns once every rank wrote
+    rng, rng_json = rng_states()
+    if not is_main:
+        return final
+    with written(tmp, f"checkpoint {final}", kept):
+        _write_rest(tmp, final, opt_meta, rng, rng_json, step, data_position, config_yaml, extra_state)
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -196,6 +234,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     Every file is read and checked before anything is restored: a missing, cut-short or unreadable
     file, or a `state.json` without its step, is a `TunelabError` naming the file."""
     state = read_state(path)
+    if (path / SHARDED_DIR).is_dir():
+        return _load_sharded_checkpoint(path, state, model, optimizer)
     weights_path = path / "trainable.safetensors"
     weights = _read_tensors(weights_path)
     opt_tensors = _read_tensors(path / "optimizer.safetensors")
@@ -226,9 +266,34 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except (IndexError, KeyError, ValueError) as error:
         problem = f"does not fit this run's optimizer ({type(error).__name__}: {one_line(error)})"
         raise _broken(meta_path, problem) from None
+    _restore_rng(rng_path, rng, state)
+    return state
+
+
+def _restore_rng(rng_path: Path, rng: dict[str, torch.Tensor], state: dict) -> None:
     try:
         restore_rng(rng, state)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         problem = f"RNG states unusable ({type(error).__name__}: {one_line(error)})"
         raise _broken(rng_path, problem) from None
+
+
+def _load_sharded_checkpoint(
+    path: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
+    """`load_checkpoint` of a checkpoint an FSDP run wrote (`sharded/`): any number of FSDP ranks,
+    one process or DDP (tunelab.training.sharded_checkpoint)."""
+    meta_path = path / "optimizer.json"
+    meta = _read_json(meta_path)
+    if not (isinstance(meta, dict) and isinstance(meta.get("state"), dict) and "param_groups" in meta):
+        raise _broken(meta_path, "must hold an object with 'state' and 'param_groups'")
+    rng_path = path / "rng.safetensors"
+    rng = _read_tensors(rng_path)
+    opt_state = load_sharded(path, meta, model, optimizer)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (IndexError, KeyError, ValueError) as error:
+        problem = f"does not fit this run's optimizer ({type(error).__name__}: {one_line(error)})"
+        raise _broken(meta_path, problem) from None
+    _restore_rng(rng_path, rng, state)
     return state

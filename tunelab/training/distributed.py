@@ -28,8 +28,9 @@ floating-point summation order. The logged loss and metrics are all-reduced sums
 the global figures.
 
 Strategies (`train.strategy`). `setup_run` joins the process group; the model becomes
-data-parallel in `Parallel.wrap`, which each recipe calls before building the optimizer, once what
-the objective adds (a reward or value head, a frozen reference copy) is in place.
+data-parallel in `Parallel.wrap`, which each recipe calls once what the objective adds (a reward or
+value head, a frozen reference copy) is in place, and before any forward pass of the model (the
+held-out figures before training) and the optimizer: under FSDP the weights are read there.
 - `ddp` (and `auto`): the model is replicated; `DistributedDataParallel` all-reduces gradients in
   buckets during the backward pass, and not on the micro-batches before the last of a step. The
   loss function runs inside DDP's forward (`Parallel.forward`), so every parameter it touches,
@@ -38,16 +39,24 @@ the objective adds (a reward or value head, a frozen reference copy) is in place
   root, so parameters, gradients and optimizer state are split over ranks (frozen base weights
   too; trainable and frozen parameters may share a layer). With `train.precision` bf16/fp16 a
   `MixedPrecisionPolicy` gathers parameters in that dtype and reduces gradients in float32.
-  Every rank loads the whole model before sharding it, so one device must hold the weights (the
-  gradients and optimizer state are what sharding spreads). Forward passes are collective: every
-  rank evaluates, and `generate` runs with `synced_gpus` (ranks finishing early keep stepping).
+  No rank holds the whole model (tunelab/training/sharded_load.py): the model is built without
+  its weights (placeholders; the method's and the objective's tensors are made as in one process),
+  and `wrap` / `frozen_copy` shard it, then each rank reads only its rows of each base tensor from
+  the safetensors files. A source that is not a plain safetensors folder (a .gguf file, an earlier
+  run, a quantised base, .bin weights) is loaded whole on every rank, with one line saying why.
+  Forward passes are collective: every rank evaluates, and `generate` runs with `synced_gpus`
+  (ranks finishing early keep stepping).
 
-Checkpoints and `final/` have the single-device format: sharded tensors are gathered one at a time
-(`full_tensor`) and rank 0 writes them; on resume every rank reads the files and keeps its shard.
-So a checkpoint can be resumed with any number of processes, and `final/` loads on one device.
-Each rank's RNG states are kept (tunelab/training/rng.py; dropout differs per rank: each seeds
-with `seed + rank` once the model is wrapped, so with dropout the losses match a single process in
-distribution only). Every rank reads the checkpoint, so with several machines `output_dir` must be on storage they share.
+Checkpoints: DDP writes the single-device format (rank 0). FSDP writes its shards: every rank its
+rows of the trainable parameters and optimizer state, with torch.distributed.checkpoint in
+safetensors files (tunelab/training/sharded_checkpoint.py, nothing pickled); they resume on any
+number of ranks (DCP reshards), or in one process. `final/` has the single-device format: the
+trained tensors are gathered one at a time (`full_tensor`) and rank 0, which reloads the base
+model on its CPU, writes them; it loads on one device. Each rank's RNG states are kept
+(tunelab/training/rng.py; dropout differs per rank: each seeds with `seed + rank` once the model is
+wrapped, so with dropout the losses match a single process in distribution only). Every rank
+reads (and under FSDP writes) the checkpoint, so with several machines `output_dir` must be on
+storage they share.
 """
 
 from __future__ import annotations
@@ -110,6 +119,9 @@ class Parallel:
     """`wrap` ran: the model is now DDP-wrapped or FSDP-sharded."""
     ddp: nn.Module | None = None
     """The `DistributedDataParallel` wrapper (strategy `ddp`, once `wrap` ran)."""
+    sharded_start: object | None = None
+    """FSDP: the `tunelab.training.sharded_load.ShardedStart` of a model built without its weights;
+    `wrap` and `frozen_copy` shard it and read each rank's rows. None: the model is loaded whole."""
     find_unused_parameters: bool = False
     """DDP: expect trainable parameters that get no gradient in a step (a reward model's LM head;
     DDP then finds them after each forward, at some cost). Set by the objective before `wrap`."""
@@ -141,7 +153,7 @@ class Parallel:
                 find_unused_parameters=self.find_unused_parameters,
             )
         else:
-            shard_model(model, self.device or torch.device("cpu"), self.world_size, self.precision)
+            self._shard(model)
         self.wrapped = True
         random.seed(self.seed + self.rank)
         torch.manual_seed(self.seed + self.rank)
@@ -151,11 +163,22 @@ class Parallel:
         it is sharded like the model, so that no rank holds a whole second model."""
         if self.wrapped:
             raise RuntimeError("make frozen copies of the model before it is wrapped (run.dist.wrap)")
-        twin = copy.deepcopy(model).eval()
+        twin = copy.deepcopy(model).eval()  # a skeleton's placeholders copy as placeholders
         twin.requires_grad_(False)
         if self.world_size > 1 and self.strategy == "fsdp":
-            shard_model(twin, self.device or torch.device("cpu"), self.world_size, self.precision)
+            self._shard(twin)
         return twin
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2 shards of `model`; a skeleton's base tensors are then read rank by rank."""
+
+        def shard(module: nn.Module) -> None:
+            shard_model(module, self.device or torch.device("cpu"), self.world_size, self.precision)
+
+        if self.sharded_start is not None:
+            self.sharded_start.shard(model, shard)
+        else:
+            shard(model)
 
     def forward(self, fn, *args):
         """`fn(*args)`, run inside DDP's forward when DDP wraps the model (see the module docstring)."""

@@ -27,7 +27,12 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors."""
+    """AdamW over the trainable parameters; no weight decay on biases, norms and other 1-D tensors.
+    Under FSDP2 the optimizer holds the shards: a root that keeps its gathered parameters after a
+    forward pass (a held-out evaluation before training) is put back to them first."""
+    from tunelab.training.distributed import reshard
+
+    reshard(model)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:

@@ -26,7 +26,7 @@ from tunelab.methods import get_method, parameter_report, trainable_parameters
 from tunelab.model_card import write_run_card
 from tunelab.models import resolve_device
 from tunelab.trained import StartingPoint, adapter_base, resolve_model_dir, start_model, start_tokenizer
-from tunelab.training import distributed
+from tunelab.training import distributed, sharded_load
 from tunelab.training.checkpoint import written
 from tunelab.training.distributed import Parallel
 
@@ -86,10 +86,14 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_model(
-    config: RunConfig, device: torch.device | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    config: RunConfig,
+    device: torch.device | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    skeleton: torch.nn.Module | None = None,
 ):
     """Load model (+ tokenizer, unless given) and apply the method: (model, tokenizer, method module,
-    starting point). The model may be an earlier run (`tunelab.trained.start_model`)."""
+    starting point). The model may be an earlier run (`tunelab.trained.start_model`), or a
+    `skeleton` whose weights each FSDP rank reads later (`tunelab.training.sharded_load`)."""
     device = device or resolve_device(config.model.device)
     if device.type == "cpu":
         # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
@@ -98,15 +102,18 @@ def prepare_model(
         # process; a value set by the user wins.
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     tokenizer = tokenizer or start_tokenizer(config)
-    model, start = start_model(config, device)
+    model, start = start_model(config, device, skeleton)
     method = get_method(config.method.name)
     if config.train.precision != "fp32":
         # Master weights: trainable parameters in float32, the frozen base stays in model.dtype.
         for p in trainable_parameters(model).values():
             if p.dtype != torch.float32:
-                p.data = p.data.float()
+                p.data = sharded_load.cast(p.data, torch.float32)  # a skeleton's placeholder stays one
     if config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Every `checkpoint_every`-th decoder layer (transformers numbers its GradientCheckpointingLayers).
+        model.activation_checkpointing_enable(
+            {"use_reentrant": False}, every_n_layers=config.model.checkpoint_every
+        )
         model.config.use_cache = False
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -142,7 +149,9 @@ def setup_run(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = yaml.safe_dump(config.to_dict(), sort_keys=False)  # written by StepLoop, see there
-    model, tokenizer, method, start = prepare_model(config, parallel.device, tokenizer)
+    # Under FSDP: a skeleton, filled shard by shard when `run.dist.wrap` shards it (or a whole load).
+    parallel.sharded_start, skeleton, loading = sharded_load.plan(config, parallel)
+    model, tokenizer, method, start = prepare_model(config, parallel.device, tokenizer, skeleton)
     device = next(model.parameters()).device
     scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
     run = Run(
@@ -150,6 +159,10 @@ def setup_run(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = Non
     )
     run.print(f"[tunelab] model {start.describe()} ({type(model).__name__}) on {run.device}")
     run.print(f"[tunelab] method {config.method.name}: {parameter_report(model)}")
+    if loading:
+        run.print(loading)
+    for line in config.default_notes:  # what the `auto` defaults became, and their fallbacks
+        run.print(line)
     return run
 
 
