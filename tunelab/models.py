@@ -6,11 +6,22 @@ folders built by `tunelab.tiny`). `trust_remote_code` stays off unless the confi
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging as hf_logging
 
 from tunelab.config import QuantizationConfig
@@ -92,6 +103,10 @@ def load_model(
 
     With `quantization.bits` (4 or 8) the linear layers of the decoder blocks are quantised by
     bitsandbytes as each tensor is read (`tunelab.quantization`); the rest stays in `dtype`.
+
+    Lean: a local safetensors checkpoint stored in another dtype (float32 loaded as bfloat16) is
+    read and cast tensor by tensor (`casting_reader`), so the load never holds the whole float32
+    file and the cast copy at once: peak ~ weights in `dtype` + one float32 tensor.
     """
     check_model_source(name_or_path)
     if dtype not in DTYPES:
@@ -109,7 +124,14 @@ def load_model(
         kwargs["device_map"] = {"": device}
     try:
         source, gguf_file = gguf_source(name_or_path)  # a .gguf file: its folder + gguf_file=NAME
-        model = plain_model(AutoModelForCausalLM.from_pretrained(source, **kwargs, **gguf_file))
+        with ExitStack() as files:  # the safetensors files a cast reads tensor by tensor, closed after
+            cast = (
+                None if quantized or gguf_file or trust_remote_code else casting_reader(source, dtype, files)
+            )
+            if cast is not None:
+                model = cast_load(source, cast, kwargs)
+            else:
+                model = plain_model(AutoModelForCausalLM.from_pretrained(source, **kwargs, **gguf_file))
     except (OSError, ValueError) as err:  # ValueError: a config.json transformers cannot place
         raise TunelabError(f"cannot load a model from {name_or_path!r}: {one_line(err)}") from None
     if quantized:
@@ -120,6 +142,67 @@ def load_model(
         return model
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device)
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a local model folder in safetensors (one file, or the shards its index
+    names); empty for anything else (a hub id, `.bin` weights)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    return [folder / name for name in shards]
+
+
+class LazyTensors(dict):
+    """name -> a not yet read safetensors slice. `from_pretrained` deep-copies its keyword
+    arguments; a slice cannot be copied, and needs not be: the copy is this same mapping."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def casting_reader(source: str, dtype: str, files: ExitStack) -> LazyTensors | None:
+    """For a local safetensors folder holding floating tensors in another dtype than `dtype`: its
+    tensors as slices that `pread` each tensor when transformers asks for it (opened in `files`).
+    None when no cast is needed (or for anything else): then transformers' own loading, which maps
+    the files and keeps tensors of the same dtype on the mapped pages, is already lean.
+
+    Why: transformers maps every file (mmap) for the whole load; casting a float32 checkpoint to
+    bfloat16 touches every page, so at the end the process holds the whole float32 file resident
+    *and* the bfloat16 copy (3x the bf16 weights). Read with `pread`, each float32 tensor lives only
+    until its cast: peak ~ bf16 weights + the largest float32 tensor.
+    """
+    folder = Path(source).expanduser()
+    paths = safetensors_files(folder) if folder.is_dir() else []
+    if not paths:
+        return None
+    wanted = SAFETENSORS_DTYPES[dtype]
+    tensors = LazyTensors()
+    for path in paths:
+        opened = files.enter_context(safe_open(str(path), framework="pt", device="cpu", backend="pread"))
+        tensors.update((name, opened.get_slice(name)) for name in opened.keys())
+    stored = {piece.get_dtype() for piece in tensors.values()} & set(SAFETENSORS_DTYPES.values())
+    return tensors if stored - {wanted} else None
+
+
+def cast_load(source: str, tensors: LazyTensors, kwargs: dict) -> PreTrainedModel:
+    """`from_pretrained` of the local folder `source` from `tensors` (`casting_reader`): the model
+    class and config from the folder, the weights read and cast one tensor at a time, and the
+    folder's generation config, as a load from the folder would give."""
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:  # transformers' own error, for the same words
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=tensors, **kwargs)
+    if (Path(source).expanduser() / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model
 
 
 def no_logits(device: torch.device) -> torch.Tensor:

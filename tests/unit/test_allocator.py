@@ -1,0 +1,70 @@
+"""`tunelab.allocator.return_freed_memory`: a freed activation-sized tensor leaves the process.
+
+With glibc's dynamic mmap threshold, freeing an 8 MiB block raises the threshold past it, so the
+next 8 MiB block comes from the heap and stays resident after it is freed; with the threshold
+fixed at 1 MiB every such block is mmapped and its pages go back at `free`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import sys
+import torch
+if sys.argv[1] == "fixed":
+    from tunelab.allocator import return_freed_memory
+    assert return_freed_memory()
+
+
+def rss_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+
+block = torch.ones(2 << 20)  # 8 MiB
+del block  # the dynamic threshold rises past 8 MiB here
+block = torch.ones(2 << 20)
+held = rss_mib()
+del block
+print(held - rss_mib())
+"""
+
+
+def returned_mib(mode: str) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_freed_block_goes_back_to_the_system():
+    assert returned_mib("dynamic") < 1  # what the fix is for: glibc keeps the block
+    assert returned_mib("fixed") >= 7
+
+
+def test_a_threshold_the_user_chose_is_left_alone(monkeypatch):
+    from tunelab.allocator import return_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_memory() is False
+
+
+def test_train_bounds_onednn_shape_caches_unless_the_user_chose(monkeypatch, tmp_path):
+    """`tunelab.train` sets both per-shape caches to 16 entries before anything runs; a value the
+    user set is kept."""
+    import tunelab
+    from tunelab.allocator import SHAPE_CACHES
+    from tunelab.errors import ConfigError
+
+    monkeypatch.setenv(SHAPE_CACHES[0], "")  # recorded, so that the test's end restores it
+    monkeypatch.delenv(SHAPE_CACHES[0])
+    monkeypatch.setenv(SHAPE_CACHES[1], "64")
+    with pytest.raises(ConfigError):  # no such config file: the caches are set before it is read
+        tunelab.train(str(tmp_path / "missing.yaml"))
+    assert os.environ[SHAPE_CACHES[0]] == "16"
+    assert os.environ[SHAPE_CACHES[1]] == "64"
