@@ -4,17 +4,19 @@ PyTorch's CPU tensors come from glibc's `malloc`. glibc serves a request of at l
 threshold* with its own `mmap` (returned to the system by `free`) and smaller ones from its heap
 (kept by the process after `free`, reused only by requests that fit the holes). The threshold is
 dynamic: it starts at 128 KiB and rises to the size of every mmapped block freed, up to 32 MiB.
-A training step frees activations of a few MiB each, so after the first step they all live on the
-heap; packed rows change length every step, the holes stop fitting, and the heap grows step after
-step. On the 31.6M-parameter benchmark workload (bf16, packing, 12 steps), peak RSS 1,049 MB with
-the dynamic threshold and 919 MB with a fixed 1 MiB one; RSS between steps 1,002 MB vs 604 MB.
+A training step frees activations of a few MiB each, so after the first step most of them live on
+the heap; packed rows change length every step, the holes stop fitting, and the heap grows step
+after step (on the 31.6M-parameter benchmark workload, bf16, packing, 12 steps: RSS between steps
+1,002 MB with the dynamic threshold against 604 MB with a fixed 1 MiB one).
 
-    M_MMAP_THRESHOLD = 1 MiB (fixed: setting it turns the dynamic rise off)
+    M_MMAP_THRESHOLD = 8 MiB (fixed: setting it turns the dynamic rise off)
 
-A block of >= 1 MiB then costs an `mmap`/`munmap` and its first-touch page faults; smaller ones
-(most of a step's tensors by count) stay on the heap. Measured: no step-time change (forward and
-backward of that model on packed rows of 300-1100 tokens, 4 alternating rounds: 3.61 s with a
-32 MiB threshold, 3.53 s with 1 MiB, 3.61 s with 64 KiB; 64 KiB lowers the peak further, to 851 MB).
+A block of >= 8 MiB (the large activations: a packed row's MLP and attention outputs, the loss
+chunk) is then mmapped and goes back at `free`; smaller ones stay on the heap. Not lower: every
+mmapped block costs an `mmap`/`munmap` and its first-touch page faults, and at 1 MiB that made the
+LoRA step of that workload 1.6x slower (1,025 against 1,640 tokens/s, two alternating rounds of 16
+steps on a quiet machine, `benchmarks.run_tunelab --method lora --steps 16`), for 110 MB less peak.
+At 8 MiB: 1,640 tokens/s, peak 1,023 MB; glibc's dynamic default: 1,510 tokens/s, 1,042 MB.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 8 << 20
 
 
 def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB (see the module docstring), once per process. Leaves it
+    """Fix glibc's mmap threshold at 8 MiB (see the module docstring), once per process. Leaves it
     alone off Linux/glibc and when the user chose one (`MALLOC_MMAP_THRESHOLD_` in the environment,
     which glibc reads at start-up). Returns whether the threshold is set by this call."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tunelab.allocator import bound_shape_caches
 from tunelab.config import RunConfig
 from tunelab.console import note
 from tunelab.errors import TunelabError
@@ -95,12 +95,7 @@ def prepare_model(
     starting point). The model may be an earlier run (`tunelab.trained.start_model`), or a
     `skeleton` whose weights each FSDP rank reads later (`tunelab.training.sharded_load`)."""
     device = device or resolve_device(config.model.device)
-    if device.type == "cpu":
-        # oneDNN keeps every matmul primitive it built (1024 by default), one per new shape: with packed or
-        # padded batches every step brings new shapes, so its cache only grows (hundreds of MB; measured in
-        # BENCHMARKS.md). 64 keeps every reuse within a step. Read once, at the first matmul of the
-        # process; a value set by the user wins.
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    bound_shape_caches()  # oneDNN's per-shape caches, read at the first matmul (tunelab.allocator)
     tokenizer = tokenizer or start_tokenizer(config)
     model, start = start_model(config, device, skeleton)
     method = get_method(config.method.name)
