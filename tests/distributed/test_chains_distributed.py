@@ -38,6 +38,7 @@ def chained_runs(tiny_model_dirs, instruction_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two gloo launches (~50 s); the chains themselves are tested in one process (tests/recipes/test_chains.py)
 @pytest.mark.parametrize("name", list(CHAINS))
 def test_a_chain_on_two_ranks_equals_one_process(chained_runs, name):
     single, multi = chained_runs / f"single_{name}", chained_runs / name

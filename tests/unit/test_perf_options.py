@@ -91,6 +91,7 @@ def test_fast_switches_train_full_finetuning(tiny_model_dirs, instruction_data, 
     _check_trained(tmp_path, model_dir, "full")
 
 
+@pytest.mark.slow  # torch.compile of every block: ~25 s on 2 cores
 def test_compile_trains(tiny_model_dirs, instruction_data, tmp_path):
     """`train.compile` compiles every decoder block; with packing the attention stays eager."""
     model_dir = tiny_model_dirs["llama"]
