@@ -95,6 +95,7 @@ def test_quantized_layers_compute_with_their_dequantized_weights(tiny_model_dirs
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert not isinstance(model.lm_head, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
+    torch.manual_seed(0)  # the inputs; an unseeded draw made the int8 case depend on test order
     for module_name, layer in quantized.items():
         x = 0.5 * torch.randn(3, 5, layer.in_features)
         assert quantized_kind(layer) == kind
