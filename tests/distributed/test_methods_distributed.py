@@ -10,6 +10,11 @@ import tunelab
 from tests.distributed.launch import assert_close_weights, launch, metric, write_config
 from tests.helpers import sft_config
 
+# Every method under 2 ranks (~30 s of launches): `make test-slow`. `make test` keeps DDP and FSDP
+# on full and LoRA (test_distributed_training.py) and the sharded-loading checks (test_sharded.py),
+# within its 10-minute budget.
+pytestmark = pytest.mark.slow
+
 METHODS = {
     "partial": {"name": "partial", "last_layers": 1, "modules": ["lm_head"]},
     "adapter": {"name": "adapter", "placement": "houlsby"},

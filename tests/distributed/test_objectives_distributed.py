@@ -30,6 +30,10 @@ from tests.recipes.test_reward import reward_config
 from tunelab.trained import load_trained
 from tunelab.training.metrics import read_metrics
 
+# Every objective under 2 ranks (~45 s of launches): `make test-slow`, to keep `make test` within its
+# 10-minute budget; it keeps DDP and FSDP SFT runs (test_distributed_training.py) and test_sharded.py.
+pytestmark = pytest.mark.slow
+
 LORA = {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}
 STEPS = ["train.max_steps=4", "train.save_every=2", "train.log_every=1"]
 
