@@ -46,9 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tunelab.errors import TunelabError
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from tunelab.models import safetensors_files
 
 
 def model_folder(name: str) -> Path | None:
@@ -89,8 +87,8 @@ def fallback_reason(config) -> str | None:
         return f"{name} is not a local folder nor in the local Hugging Face cache (download it first)"
     if not (folder / "config.json").is_file():
         return f"{folder} has no config.json"
-    if not ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()):
-        return f"{folder} has no {SINGLE_FILE} or {INDEX_FILE} (pytorch .bin weights)"
+    if not safetensors_files(folder):
+        return f"{folder} has no model.safetensors or model.safetensors.index.json (pytorch .bin weights)"
     options = config.method.options
     if config.method.name == "prefix" and getattr(options, "init_text", None) is not None:
         return "prefix init_text runs the loaded model to initialise the prefix"
@@ -100,13 +98,9 @@ def fallback_reason(config) -> str | None:
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> the safetensors file holding it (one file, or an index's map)."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: folder / file for key, file in weight_map.items()}
-    _, entries = read_header(folder / SINGLE_FILE)
-    return dict.fromkeys(entries, folder / SINGLE_FILE)
+    """Checkpoint tensor name -> the safetensors file holding it (`tunelab.models.safetensors_files`:
+    one file, or the shards an index names), from each file's header."""
+    return {key: file for file in safetensors_files(folder) for key in read_header(file)[1]}
 
 
 FILE_DTYPES = {
