@@ -114,6 +114,15 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION_SDPA, packed_sdpa_mask)
 
 
+def unpackable_attention(model: PreTrainedModel) -> str | None:
+    """Why `model`'s attention implementation cannot attend within packed examples, or None: packing
+    takes a varlen FlashAttention, SDPA or eager (which `use_packed_attention` swaps for its own)."""
+    current = model.config._attn_implementation
+    if current in (*FLASH_VARLEN, PACKED_ATTENTION, PACKED_ATTENTION_SDPA, "sdpa", "eager"):
+        return None
+    return f"needs sdpa, eager or flash_attention_2 attention; the model uses {current!r}"
+
+
 def use_packed_attention(model: PreTrainedModel, native: bool = True) -> str:
     """Make `model` attend within packed examples: keep a varlen FlashAttention, else switch SDPA/eager
     to `tunelab_packed` (or, with `native=False`, to `tunelab_packed_sdpa`, which never takes the C++
@@ -122,12 +131,9 @@ def use_packed_attention(model: PreTrainedModel, native: bool = True) -> str:
     current = model.config._attn_implementation
     if current in FLASH_VARLEN:
         return current
-    if current in (PACKED_ATTENTION, PACKED_ATTENTION_SDPA):
-        current = "sdpa"
-    if current not in ("sdpa", "eager"):
-        raise TunelabError(
-            f"data.packing needs sdpa, eager or flash_attention_2 attention; the model uses {current!r}"
-        )
+    problem = unpackable_attention(model)
+    if problem:
+        raise TunelabError(f"data.packing {problem}")
     chosen = PACKED_ATTENTION if native else PACKED_ATTENTION_SDPA
     model.set_attn_implementation(chosen)
     return chosen

@@ -31,12 +31,7 @@ from tunelab.data.tokenize import TokenizedExample
 from tunelab.errors import TunelabError
 from tunelab.evaluate import evaluate_loss, exact_match
 from tunelab.kernels import cpu_attention
-from tunelab.kernels.packed_attention import (
-    FLASH_VARLEN,
-    PACKED_ATTENTION,
-    PACKED_ATTENTION_SDPA,
-    use_packed_attention,
-)
+from tunelab.kernels.packed_attention import PACKED_ATTENTION, unpackable_attention, use_packed_attention
 from tunelab.logprobs import model_lm_loss_sum
 from tunelab.methods import count_parameters
 from tunelab.samples import with_samples
@@ -109,9 +104,9 @@ def unpacked_fallback(run: Run) -> None:
     windows = [
         m.sliding_window for m in model.modules() if isinstance(getattr(m, "sliding_window", None), int)
     ]
-    attention = model.config._attn_implementation
-    if attention not in ("sdpa", "eager", *FLASH_VARLEN, PACKED_ATTENTION, PACKED_ATTENTION_SDPA):
-        problem = f"packed attention needs sdpa, eager or flash_attention_2, the model uses {attention!r}"
+    problem = unpackable_attention(model)
+    if problem:
+        problem = f"packed attention {problem}"
     elif windows and min(windows) < config.data.max_length:
         problem = f"packed attention has no sliding window, and the model's {min(windows)} < data.max_length"
     else:
