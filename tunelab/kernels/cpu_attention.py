@@ -20,8 +20,8 @@ tokens; the kernel here keeps 8 queries x 32 keys in registers. It is faster tha
 layer's attention over a packed row, forward and backward, and on a whole LoRA training step
 (BENCHMARKS.md, "The C++ attention kernel").
 
-It is built with `torch.utils.cpp_extension` (a C++ compiler and ninja, once per machine; the build
-is cached in torch's extensions folder, per CPU type) for head dims 16, 32, 64 and 128. Where it
+It is built by `tunelab.kernels.native` (a C++ compiler and ninja, once per machine; the build is
+cached in torch's extensions folder, per CPU type) for head dims 16, 32, 64 and 128. Where it
 cannot be built or does not apply, packed attention keeps the per-example SDPA loop
 (`kernel_available`).
 """
@@ -29,45 +29,20 @@ cannot be built or does not apply, packed attention keeps the per-example SDPA l
 from __future__ import annotations
 
 import functools
-import hashlib
-import platform
 from pathlib import Path
 
 import torch
 
-from tunelab.console import note
+from tunelab.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's instruction sets: the build uses -march=native, so a cached build
-    (torch's extensions folder may sit in a home directory shared between machines) is only reused
-    on a CPU with the same flags."""
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
 @functools.cache
 def _extension():
-    """The compiled kernel module, or None where it cannot be built (the reason is logged once)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
-        # -fopenmp: ATen's parallel_for is inline OpenMP code; it runs on the OpenMP runtime that
-        # torch has already loaded, so the kernel uses torch's threads.
-        flags = ["-O3", native, "-fopenmp"]
-        return load(name=f"tunelab_cpu_attention_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags)
-    except Exception as error:  # no compiler, no ninja, an unsupported platform: keep SDPA
-        note(f"[tunelab] the native CPU attention kernel could not be built ({error}); using SDPA")
-        return None
+    """The compiled kernel module, or None where it cannot be built (the reason is printed once)."""
+    return native.build("tunelab_cpu_attention", SOURCE, "using SDPA")
 
 
 def build() -> bool:

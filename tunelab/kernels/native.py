@@ -1,0 +1,45 @@
+"""Building tunelab's C++ CPU kernels (`cpu_attention.cpp`, `cpu_fused.cpp`) at first use.
+
+`torch.utils.cpp_extension.load` compiles a source with the machine's C++ compiler and ninja, once
+per machine: the build is cached in torch's extensions folder (`TORCH_EXTENSIONS_DIR`, by default
+under the home directory) and rebuilt when the source changes. The code is compiled for this CPU
+(`-march=native`), so the cached build's name carries a hash of the CPU's instruction sets: a home
+directory shared between machines never runs a build on a CPU that lacks its instructions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from types import ModuleType
+
+from tunelab.console import note
+
+
+def cpu_tag() -> str:
+    """A short hash of this CPU's instruction sets (the `flags` line of /proc/cpuinfo)."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def build(name: str, source: Path, fallback: str) -> ModuleType | None:
+    """The compiled module of `source` (named `{name}_{cpu_tag()}`), or None where it cannot be
+    built: no compiler, no ninja, an unsupported platform. The reason is printed once, with what
+    tunelab does instead (`fallback`)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        native = "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
+        # -fopenmp: ATen's parallel_for is inline OpenMP code; it runs on the OpenMP runtime that
+        # torch has already loaded, so the kernels use torch's threads.
+        flags = ["-O3", native, "-fopenmp"]
+        return load(name=f"{name}_{cpu_tag()}", sources=[str(source)], extra_cflags=flags)
+    except Exception as error:
+        note(f"[tunelab] the native CPU kernel {source.name} could not be built ({error}); {fallback}")
+        return None
