@@ -246,6 +246,11 @@ class TrainConfig:
     """Target positions per chunk of the chunked loss."""
     compile: bool = False
     """Run the model through `torch.compile`."""
+    fused_kernels: bool | Literal["auto"] = "auto"
+    """On the CPU, run the RMSNorm and SwiGLU MLP of Llama-family blocks (Llama, Mistral, Qwen2/3,
+    Phi-3's norms) as single C++ passes (`tunelab.kernels.cpu_fused`, built at first use): the same
+    roundings as transformers' modules, float32 sums in another order. `auto`: on for a CPU run in
+    bf16 precision without `compile`; float32 runs keep transformers' arithmetic to the last bit."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
     """Experiment trackers that receive every `metrics.jsonl` row (same step), the resolved config
     as the run's parameters and the `eval.sample_prompts` samples (tunelab/trackers.py). A missing

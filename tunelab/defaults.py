@@ -1,4 +1,4 @@
-"""The fast path by default: `model.dtype: auto`, `train.precision: auto`, `data.packing: auto`.
+"""The fast path by default: `model.dtype`, `train.precision`, `data.packing`, `train.fused_kernels`: `auto`.
 
 A config that names only the model, the method and the data trains the way tunelab is fastest on
 the machine it runs on. The three `auto` values are resolved once, when the config is loaded
@@ -26,6 +26,10 @@ When only one of the two is `auto`, it follows the explicit one:
     precision bf16 / fp16     -> dtype bfloat16 / float16 for a frozen base, float32 for `full`
     dtype float16             -> precision fp16 (the float16 base and fp16 autocast path)
     dtype bfloat16 / float32  -> precision bf16 where native, else fp32
+
+Fused kernels. `train.fused_kernels: auto` is on for a CPU run in bf16 precision (not compiled):
+RMSNorm and the SwiGLU MLP as single C++ passes (`tunelab.kernels.cpu_fused`), with the bf16
+roundings of transformers' modules. Float32 runs keep transformers' own chain of operations.
 
 Packing. `data.packing: auto` is on for SFT with every method but prefix (packed rows give every
 example the logits of the padded batch, `tunelab.data.packing`; only the cost changes). Prefix
@@ -119,6 +123,13 @@ def resolve_packing(config: RunConfig) -> tuple[bool, str | None]:
     return True, None
 
 
+def resolve_fused_kernels(config: RunConfig) -> bool:
+    """`train.fused_kernels: auto`: on for a CPU run in bf16 precision that is not compiled (compiling
+    fuses these operations itself); off elsewhere, so float32 runs compute transformers' own chain."""
+    on_cpu = device_type(config.model.device) == "cpu"
+    return on_cpu and config.train.precision == "bf16" and not config.train.compile
+
+
 def resolve_defaults(config: RunConfig) -> None:
     """Replace the `auto` values of `config` by concrete ones, in place; keep in `config.auto_keys`
     the keys that were `auto`, and in `config.default_notes` the lines the run prints about them
@@ -129,6 +140,7 @@ def resolve_defaults(config: RunConfig) -> None:
             ("model.dtype", config.model.dtype),
             ("train.precision", config.train.precision),
             ("data.packing", config.data.packing),
+            ("train.fused_kernels", config.train.fused_kernels),
         ]
         if value == AUTO
     ]
@@ -145,6 +157,10 @@ def resolve_defaults(config: RunConfig) -> None:
     if config.data.packing == AUTO and packing:
         changed.append("data.packing auto -> true")
     config.data.packing = packing
+    if config.train.fused_kernels == AUTO:
+        config.train.fused_kernels = resolve_fused_kernels(config)
+        if config.train.fused_kernels:
+            changed.append("train.fused_kernels auto -> true")
     config.default_notes = [f"[tunelab] defaults: {', '.join(changed)}"] if changed else []
     if fallback:
         config.default_notes.append(fallback)

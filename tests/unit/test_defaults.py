@@ -66,7 +66,8 @@ def test_a_minimal_config_resolves_to_the_fast_path(native, method, objective, b
     else:
         assert (config.model.dtype, config.train.precision) == ("float32", "fp32")
     assert config.data.packing is (objective == "sft" and method != "prefix")
-    assert config.auto_keys == ["model.dtype", "train.precision", "data.packing"]
+    assert config.train.fused_kernels is bf16  # a CPU run (no CUDA here) in bf16
+    assert config.auto_keys == ["model.dtype", "train.precision", "data.packing", "train.fused_kernels"]
     # The run's config.yaml holds the concrete values and none of the bookkeeping.
     plain = config.to_dict()
     assert "auto" not in (plain["model"]["dtype"], plain["train"]["precision"], plain["data"]["packing"])
@@ -78,7 +79,7 @@ def test_the_notes_say_what_auto_became_and_why(native):
     native(True)
     assert minimal("lora").default_notes == [
         "[tunelab] defaults: model.dtype auto -> bfloat16, train.precision auto -> bf16 (probe says bf16), "
-        "data.packing auto -> true"
+        "data.packing auto -> true, train.fused_kernels auto -> true"
     ]
     (line,) = minimal("full").default_notes
     assert "model.dtype auto -> float32, train.precision auto -> bf16 (probe says bf16; method full" in line
@@ -105,7 +106,8 @@ def test_explicit_values_win(native):
     native(True)
     pinned = minimal(model={"dtype": "float32"}, train={"precision": "fp32"}, data={"packing": False})
     assert (pinned.model.dtype, pinned.train.precision, pinned.data.packing) == ("float32", "fp32", False)
-    assert pinned.default_notes == [] and pinned.auto_keys == []
+    assert pinned.default_notes == [] and pinned.auto_keys == ["train.fused_kernels"]  # off for fp32, silently
+    assert pinned.train.fused_kernels is False
     # One explicit, the other `auto`: `auto` follows the explicit one.
     assert minimal(train={"precision": "fp32"}).model.dtype == "float32"
     assert minimal(model={"dtype": "float32"}).train.precision == "bf16"
@@ -127,6 +129,17 @@ def test_explicit_values_win(native):
     assert minimal("lora", "dpo", data={"packing": True}).data.packing is True
     with pytest.raises(ConfigError, match="data.packing: cannot be used with method.name: prefix"):
         minimal("prefix", data={"packing": True})
+
+
+def test_fused_kernels_are_on_for_cpu_bf16_runs_only(native, monkeypatch):
+    native(True)
+    assert minimal().train.fused_kernels is True
+    assert minimal(train={"precision": "fp32"}).train.fused_kernels is False  # float32: transformers' chain
+    assert minimal(train={"compile": True}).train.fused_kernels is False  # the compiler fuses these itself
+    assert minimal(train={"fused_kernels": False}).train.fused_kernels is False  # explicit wins
+    assert minimal(train={"precision": "fp32", "fused_kernels": True}).train.fused_kernels is True
+    monkeypatch.setattr(defaults, "device_type", lambda device: "cuda")
+    assert minimal().train.fused_kernels is False  # the kernels are CPU code
 
 
 def test_a_quantised_base_keeps_its_rules(native):

@@ -112,11 +112,31 @@ def prepare_model(
         model.config.use_cache = False
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if config.train.fused_kernels:
+        use_fused_kernels(model)
     if config.train.compile:
         compile_blocks(model)
     if not trainable_parameters(model):
         raise TunelabError(f"method {config.method.name!r} left no trainable parameter")
     return model, tokenizer, method, start
+
+
+def use_fused_kernels(model: PreTrainedModel) -> None:
+    """`train.fused_kernels`: the C++ RMSNorm and SwiGLU (`tunelab.kernels.cpu_fused`) for the model's
+    Llama-family norms and MLPs; one line says what was fused, or why nothing was."""
+    from tunelab.kernels import cpu_fused
+
+    if not cpu_fused.build():
+        return  # the builder printed why
+    counts = cpu_fused.apply_fused_kernels(model)
+    if any(counts.values()):
+        note(
+            f"[tunelab] fused kernels: {counts['norm']} RMSNorm, {counts['mlp']} SwiGLU MLP modules (C++, CPU)"
+        )
+    else:
+        note(
+            f"[tunelab] fused kernels: none of {type(model).__name__}'s modules is a Llama-style RMSNorm or MLP"
+        )
 
 
 def compile_blocks(model: PreTrainedModel) -> None:

@@ -1,0 +1,370 @@
+// RMSNorm and SwiGLU of a decoder block, forward and backward, each in one pass over memory on the CPU.
+// Built at first use by tunelab/kernels/cpu_fused.py (torch.utils.cpp_extension), which documents the
+// maths and the rounding points; this file is only the kernels.
+//
+// Element types: float32 or bfloat16 (held as uint16_t bits). Every value is computed in float32 and
+// rounded to the tensor's dtype exactly where transformers' modules round it (round-to-nearest-even),
+// so in bf16 the results equal the modules' up to the order of the float32 sums.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float from_bf16(uint16_t bits) {
+  const uint32_t word = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+inline uint16_t to_bf16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof(word));
+  if ((word & 0x7fffffffu) > 0x7f800000u) return uint16_t((word >> 16) | 0x40u);  // NaN stays NaN
+  word += 0x7fffu + ((word >> 16) & 1u);  // round to nearest, ties to even
+  return uint16_t(word >> 16);
+}
+
+// Loads, stores and rounds for the two element types.
+struct F32 {
+  using T = float;
+  static float load(const float* p, int64_t i) { return p[i]; }
+  static void store(float* p, int64_t i, float v) { p[i] = v; }
+  static float round(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(const uint16_t* p, int64_t i) { return from_bf16(p[i]); }
+  static void store(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
+  static float round(float v) { return from_bf16(to_bf16(v)); }
+};
+
+// e^x for x <= 0 (below -87 it returns e^-87, a normal float ~1.6e-38): e^x = 2^n 2^f with
+// n = floor(x log2 e + 1/2), |f| <= 1/2, 2^f by a degree-6 polynomial (relative error under 2e-7).
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float y = x * 1.4426950408889634f;
+  const float n = std::floor(y + 0.5f);
+  const float f = y - n;
+  float p = 1.5403530393381609e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.f;
+  const int32_t exponent = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return p * scale;
+}
+
+// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
+inline float sigmoid(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));
+  const float r = 1.f / (1.f + e);
+  return x >= 0.f ? r : e * r;
+}
+
+constexpr int64_t ROWS_PER_TASK = 16;
+constexpr int64_t ELEMENTS_PER_TASK = 16384;
+
+// ---- RMSNorm: x (N, H), w (H,) -> y (N, H) in P, rstd (N,) float32 ----
+
+template <typename X, typename W, typename P>
+void rms_forward(const typename X::T* x, const typename W::T* w, typename P::T* y, float* rstd, int64_t rows,
+                 int64_t hidden, float eps) {
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const typename X::T* xr = x + row * hidden;
+      typename P::T* yr = y + row * hidden;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t h = 0; h < hidden; ++h) {
+        const float v = X::load(xr, h);
+        squares += v * v;
+      }
+      const float r = 1.f / std::sqrt(squares / float(hidden) + eps);
+      rstd[row] = r;
+#pragma omp simd
+      for (int64_t h = 0; h < hidden; ++h) {
+        const float normed = X::round(X::load(xr, h) * r);  // .to(input_dtype)
+        P::store(yr, h, W::load(w, h) * normed);
+      }
+    }
+  });
+}
+
+template <typename X, typename W, typename P>
+void rms_backward(const typename P::T* grad_y, const typename X::T* x, const typename W::T* w, const float* rstd,
+                  typename X::T* grad_x, float* grad_w_partials, int64_t rows, int64_t hidden) {
+  const bool want_w = grad_w_partials != nullptr;
+  at::parallel_for(0, rows, ROWS_PER_TASK, [&](int64_t begin, int64_t end) {
+    float* grad_w = want_w ? grad_w_partials + at::get_thread_num() * hidden : nullptr;
+    std::vector<float> grad_n(hidden);
+    for (int64_t row = begin; row < end; ++row) {
+      const typename X::T* xr = x + row * hidden;
+      const typename P::T* gr = grad_y + row * hidden;
+      typename X::T* gxr = grad_x + row * hidden;
+      const float r = rstd[row];
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t h = 0; h < hidden; ++h) {
+        const float g = X::round(P::load(gr, h) * W::load(w, h));  // grad of n_in = X(n): rounded to X
+        grad_n[h] = g;
+        dot += g * X::load(xr, h);
+      }
+      const float coefficient = r * r * r * dot / float(hidden);
+#pragma omp simd
+      for (int64_t h = 0; h < hidden; ++h) {
+        X::store(gxr, h, r * grad_n[h] - coefficient * X::load(xr, h));
+      }
+      if (want_w) {
+#pragma omp simd
+        for (int64_t h = 0; h < hidden; ++h) {
+          grad_w[h] += P::load(gr, h) * X::round(X::load(xr, h) * r);
+        }
+      }
+    }
+  });
+}
+
+bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16; }
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "cpu_fused: ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, "cpu_fused: ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "cpu_fused: ", name, " must be contiguous");
+}
+
+template <typename S>
+typename S::T* data(torch::Tensor& t) {
+  return reinterpret_cast<typename S::T*>(t.data_ptr());
+}
+
+template <typename S>
+const typename S::T* data(const torch::Tensor& t) {
+  return reinterpret_cast<const typename S::T*>(t.data_ptr());
+}
+
+std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_float(x, "x");
+  check_float(w, "weight");
+  const int64_t hidden = w.numel();
+  TORCH_CHECK(x.size(-1) == hidden, "cpu_fused: x's last dim ", x.size(-1), " != weight's ", hidden);
+  const int64_t rows = x.numel() / hidden;
+  const auto out_dtype = is_bf16(x) && is_bf16(w) ? torch::kBFloat16 : torch::kFloat32;
+  auto y = torch::empty(x.sizes(), x.options().dtype(out_dtype));
+  auto rstd = torch::empty({rows}, x.options().dtype(torch::kFloat32));
+  float* r = rstd.data_ptr<float>();
+  const float e = float(eps);
+  if (is_bf16(x) && is_bf16(w)) {
+    rms_forward<BF16, BF16, BF16>(data<BF16>(x), data<BF16>(w), data<BF16>(y), r, rows, hidden, e);
+  } else if (is_bf16(x)) {
+    rms_forward<BF16, F32, F32>(data<BF16>(x), data<F32>(w), data<F32>(y), r, rows, hidden, e);
+  } else if (is_bf16(w)) {
+    rms_forward<F32, BF16, F32>(data<F32>(x), data<BF16>(w), data<F32>(y), r, rows, hidden, e);
+  } else {
+    rms_forward<F32, F32, F32>(data<F32>(x), data<F32>(w), data<F32>(y), r, rows, hidden, e);
+  }
+  return {y, rstd};
+}
+
+std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y, const torch::Tensor& x,
+                                             const torch::Tensor& w, const torch::Tensor& rstd, bool want_w) {
+  check_float(x, "x");
+  check_float(w, "weight");
+  check_float(grad_y, "grad_y");
+  const int64_t hidden = w.numel();
+  const int64_t rows = x.numel() / hidden;
+  const auto out_dtype = is_bf16(x) && is_bf16(w) ? torch::kBFloat16 : torch::kFloat32;
+  TORCH_CHECK(grad_y.scalar_type() == out_dtype && grad_y.sizes() == x.sizes(), "cpu_fused: grad_y must match y");
+  auto grad_x = torch::empty_like(x);
+  torch::Tensor partials;
+  if (want_w) partials = torch::zeros({at::get_num_threads(), hidden}, x.options().dtype(torch::kFloat32));
+  const float* r = rstd.data_ptr<float>();
+  float* gw = want_w ? partials.data_ptr<float>() : nullptr;
+  if (is_bf16(x) && is_bf16(w)) {
+    rms_backward<BF16, BF16, BF16>(data<BF16>(grad_y), data<BF16>(x), data<BF16>(w), r, data<BF16>(grad_x), gw,
+                                   rows, hidden);
+  } else if (is_bf16(x)) {
+    rms_backward<BF16, F32, F32>(data<F32>(grad_y), data<BF16>(x), data<F32>(w), r, data<BF16>(grad_x), gw, rows,
+                                 hidden);
+  } else if (is_bf16(w)) {
+    rms_backward<F32, BF16, F32>(data<F32>(grad_y), data<F32>(x), data<BF16>(w), r, data<F32>(grad_x), gw, rows,
+                                 hidden);
+  } else {
+    rms_backward<F32, F32, F32>(data<F32>(grad_y), data<F32>(x), data<F32>(w), r, data<F32>(grad_x), gw, rows,
+                                hidden);
+  }
+  if (!want_w) return {grad_x};
+  return {grad_x, partials.sum(0).to(w.scalar_type())};
+}
+
+// ---- SwiGLU: gate, up (same shape and dtype) -> silu(gate) * up ----
+// 16 elements at a time in GCC/Clang vector types (one AVX-512 register, two AVX2 ones), the tail
+// element by element with the scalar functions above: the same arithmetic.
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+
+inline v16 splat(float x) { return v16{} + x; }
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v16 load16(const uint16_t* p) {
+  vh16 half;
+  std::memcpy(&half, p, sizeof(half));
+  return (v16)(__builtin_convertvector(half, vu16) << 16);
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline void store16(uint16_t* p, v16 v) {
+  const vu16 word = (vu16)v;
+  const vu16 rounded = (word + 0x7fffu + ((word >> 16) & 1u)) >> 16;
+  const vu16 nan = (word >> 16) | 0x40u;
+  const vh16 half = __builtin_convertvector((word & 0x7fffffffu) > 0x7f800000u ? nan : rounded, vh16);
+  std::memcpy(p, &half, sizeof(half));
+}
+
+// The float32 lanes rounded to bfloat16 and back (F32: unchanged), in registers.
+template <typename T>
+inline v16 round16(v16 v);
+
+template <>
+inline v16 round16<float>(v16 v) {
+  return v;
+}
+
+template <>
+inline v16 round16<uint16_t>(v16 v) {
+  const vu16 word = (vu16)v;
+  const vu16 rounded = (word + 0x7fffu + ((word >> 16) & 1u)) & 0xffff0000u;
+  return (v16)((word & 0x7fffffffu) > 0x7f800000u ? (word | 0x00400000u) & 0xffff0000u : rounded);
+}
+
+// exp_nonpositive, 16 lanes.
+inline v16 exp16(v16 x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  const v16 y = x * 1.4426950408889634f;
+  const v16 shifted = y + 0.5f;
+  vi16 n = __builtin_convertvector(shifted, vi16);            // truncates toward zero
+  n = n + (vi16)(__builtin_convertvector(n, v16) > shifted);  // floor: a true lane is -1
+  const v16 f = y - __builtin_convertvector(n, v16);
+  v16 p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.f;
+  return p * (v16)((n + 127) << 23);
+}
+
+inline v16 sigmoid16(v16 x) {
+  const v16 magnitude = (v16)((vu16)x & 0x7fffffffu);
+  const v16 e = exp16(-magnitude);
+  const v16 r = 1.f / (1.f + e);
+  return x >= 0.f ? r : e * r;
+}
+
+template <typename D>
+void swiglu_forward_kernel(const typename D::T* gate, const typename D::T* up, typename D::T* out, int64_t n) {
+  using T = typename D::T;
+  at::parallel_for(0, n, ELEMENTS_PER_TASK, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 16 <= end; i += 16) {
+      const v16 g = load16(gate + i);
+      const v16 activated = round16<T>(g * sigmoid16(g));  // act_fn(gate), in D
+      store16(out + i, activated * load16(up + i));
+    }
+    for (; i < end; ++i) {
+      const float g = D::load(gate, i);
+      const float activated = D::round(g * sigmoid(g));
+      D::store(out, i, activated * D::load(up, i));
+    }
+  });
+}
+
+template <typename D>
+void swiglu_backward_kernel(const typename D::T* grad, const typename D::T* gate, const typename D::T* up,
+                            typename D::T* grad_gate, typename D::T* grad_up, int64_t n) {
+  using T = typename D::T;
+  at::parallel_for(0, n, ELEMENTS_PER_TASK, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 16 <= end; i += 16) {
+      const v16 g = load16(gate + i);
+      const v16 d = load16(grad + i);
+      const v16 s = sigmoid16(g);
+      const v16 grad_activated = round16<T>(d * load16(up + i));  // grad of act * up w.r.t. act, in D
+      store16(grad_up + i, d * round16<T>(g * s));
+      store16(grad_gate + i, grad_activated * s * (1.f + g * (1.f - s)));  // silu'(g) = s (1 + g (1 - s))
+    }
+    for (; i < end; ++i) {
+      const float g = D::load(gate, i);
+      const float d = D::load(grad, i);
+      const float s = sigmoid(g);
+      const float grad_activated = D::round(d * D::load(up, i));
+      D::store(grad_up, i, d * D::round(g * s));
+      D::store(grad_gate, i, grad_activated * s * (1.f + g * (1.f - s)));
+    }
+  });
+}
+
+void check_pair(const torch::Tensor& gate, const torch::Tensor& up) {
+  check_float(gate, "gate");
+  check_float(up, "up");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type() && gate.sizes() == up.sizes(),
+              "cpu_fused: gate and up must have the same shape and dtype");
+}
+
+torch::Tensor swiglu_forward(const torch::Tensor& gate, const torch::Tensor& up) {
+  check_pair(gate, up);
+  auto out = torch::empty_like(gate);
+  if (is_bf16(gate)) {
+    swiglu_forward_kernel<BF16>(data<BF16>(gate), data<BF16>(up), data<BF16>(out), gate.numel());
+  } else {
+    swiglu_forward_kernel<F32>(data<F32>(gate), data<F32>(up), data<F32>(out), gate.numel());
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torch::Tensor& gate,
+                                           const torch::Tensor& up) {
+  check_pair(gate, up);
+  check_pair(grad, gate);
+  auto grad_gate = torch::empty_like(gate);
+  auto grad_up = torch::empty_like(up);
+  const int64_t n = gate.numel();
+  if (is_bf16(gate)) {
+    swiglu_backward_kernel<BF16>(data<BF16>(grad), data<BF16>(gate), data<BF16>(up), data<BF16>(grad_gate),
+                                 data<BF16>(grad_up), n);
+  } else {
+    swiglu_backward_kernel<F32>(data<F32>(grad), data<F32>(gate), data<F32>(up), data<F32>(grad_gate),
+                                data<F32>(grad_up), n);
+  }
+  return {grad_gate, grad_up};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm forward: (y, rstd)");
+  m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward: (grad_x[, grad_w])");
+  m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up");
+  m.def("swiglu_backward", &swiglu_backward, "(grad_gate, grad_up)");
+}

@@ -1,0 +1,176 @@
+"""RMSNorm and SwiGLU of Llama-family decoder blocks as single C++ passes on the CPU (`train.fused_kernels`).
+
+transformers computes them as chains of PyTorch operations, each reading and writing the whole
+activation: RMSNorm is eight of them forward (to float32, square, mean, add, rsqrt, multiply, back to
+the input dtype, times the weight) and more backward; SwiGLU three forward and five backward. On the
+31.6M benchmark workload (a packed row of ~1,400 tokens, bf16) one RMSNorm's forward and backward
+take 3.9 ms as a chain and 1.2 ms fused; the whole LoRA step gains 2-6% (`benchmarks.fused_kernels`,
+BENCHMARKS.md), as most of it is matrix products. `cpu_fused.cpp` does each in one pass per row, with
+the same arithmetic:
+
+RMSNorm, x (N, H) in dtype X, weight w (H,) in W, P = the promoted dtype of X and W:
+
+    r_i = 1 / sqrt(mean_h x_ih^2 + eps)                         float32
+    n_ih = X(x_ih r_i)                                          `.to(input_dtype)`
+    y_ih = P(w_h n_ih)
+    backward, from dy:
+    g_ih = X(dy_ih w_h)                                         autograd's grad of n, in n's dtype
+    dx_ih = X(r_i g_ih - r_i^3 x_ih (sum_h g_ih x_ih) / H)      through n = x r(x)
+    dw_h = W(sum_i dy_ih n_ih)
+
+SwiGLU, gate and up (N, I) in dtype D (`down(act(gate(x)) * up(x))` with act = SiLU):
+
+    s = sigmoid(gate),  a = D(gate s),  h = D(a up)
+    backward, from dh:
+    d_up = D(dh a),  d_a = D(dh up),  d_gate = D(d_a s (1 + gate (1 - s)))
+
+Every value is float32 inside and rounded to the tensor dtype (round-to-nearest-even) exactly where
+transformers rounds it, so a bf16 result equals the module's except where a float32 sum taken in
+another order crosses a rounding boundary (tests/unit/test_cpu_fused.py measures both). SwiGLU keeps
+gate and up for backward and recomputes s and a, where autograd keeps gate, a and up.
+
+`apply_fused_kernels(model)` replaces the `forward` of each RMSNorm and MLP module whose code is
+transformers' Llama code (Llama, Mistral, Qwen2, Qwen3, Phi-3's norms; Gemma's norms differ and
+are left alone), on that module object only. A patched forward falls back to the module's own
+for inputs the kernels do not take (not on the CPU, float16).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.kernels import native
+
+SOURCE = Path(__file__).with_name("cpu_fused.cpp")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _extension():
+    """The compiled kernels, or None where they cannot be built (the reason is printed once)."""
+    return native.build("tunelab_cpu_fused", SOURCE, "keeping transformers' RMSNorm and MLP")
+
+
+def build() -> bool:
+    """Build (or load the cached build of) the kernels now; whether they are available."""
+    return _extension() is not None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x (..., H), weight (H,) -> (..., H) in the promoted dtype (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x = x.contiguous()
+        y, rstd = _extension().rms_norm_forward(x, weight, eps)  # (..., H), (rows,)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, rstd = ctx.saved_tensors
+        want_w = ctx.needs_input_grad[1]
+        grads = _extension().rms_norm_backward(grad_y.contiguous(), x, weight, rstd, want_w)
+        return grads[0], (grads[1] if want_w else None), None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """gate, up (..., I) of one dtype -> silu(gate) * up (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return _extension().swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = _extension().swiglu_backward(grad.contiguous(), gate, up)
+        return grad_gate, grad_up
+
+
+def _takes(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm of x (..., H) with `weight` (H,), in one pass each way."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (same shape and dtype), rounded where transformers' MLP rounds."""
+    return _SwiGLU.apply(gate, up)
+
+
+def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if not _takes(hidden_states, self.weight):
+        return type(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate = self.gate_proj(x)  # (..., I)
+    up = self.up_proj(x)  # (..., I)
+    if gate.dtype == up.dtype and _takes(gate, up):
+        return self.down_proj(swiglu(gate, up))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def _same_code(function, reference) -> bool:
+    """Whether two functions compile to the same code (same bytecode, names and constants): the
+    norm and MLP classes of Mistral, Qwen2, ... are copies of Llama's, each class its own."""
+    a, b = function.__code__, reference.__code__
+    return (a.co_code, a.co_names, a.co_consts) == (b.co_code, b.co_names, b.co_consts)
+
+
+@functools.cache
+def _llama_classes() -> tuple[type, type, tuple[type, ...]]:
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    return LlamaRMSNorm, LlamaMLP, (SiLUActivation, nn.SiLU)
+
+
+def fusable(module: nn.Module) -> str | None:
+    """`norm` or `mlp` where `module` computes exactly transformers' Llama RMSNorm or SwiGLU MLP (and
+    has not been patched yet); else None."""
+    if "forward" in module.__dict__:  # patched already, or replaced by someone else
+        return None
+    norm_class, mlp_class, silu_classes = _llama_classes()
+    forward = type(module).forward
+    if _same_code(forward, norm_class.forward) and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return "norm"
+    if _same_code(forward, mlp_class.forward) and isinstance(getattr(module, "act_fn", None), silu_classes):
+        return "mlp"
+    return None
+
+
+def apply_fused_kernels(model: nn.Module) -> dict[str, int]:
+    """Give every fusable RMSNorm and MLP module of `model` the fused forward (on that object only;
+    the class and its other instances are untouched). Returns how many of each were patched."""
+    counts = {"norm": 0, "mlp": 0}
+    forwards = {"norm": _fused_norm_forward, "mlp": _fused_mlp_forward}
+    for module in model.modules():
+        kind = fusable(module)
+        if kind is not None:
+            module.forward = types.MethodType(forwards[kind], module)
+            counts[kind] += 1
+    return counts
+
+
+def remove_fused_kernels(model: nn.Module) -> None:
+    """Undo `apply_fused_kernels`: every module goes back to its class's forward."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, types.MethodType) and forward.__func__ in (
+            _fused_norm_forward,
+            _fused_mlp_forward,
+        ):
+            del module.forward
