@@ -1,0 +1,93 @@
+"""`train.fused_kernels` on and off, paired in one process: a training step's forward and backward.
+
+    python -m benchmarks.fused_kernels [--rounds 8] [--steps 3] [--method lora|full]
+
+The model, data and step are tunelab's own, from the whole-job benchmark's minimal config
+(`benchmarks.defaults`: the 31.6M workload, LoRA r=16, bf16 base, bf16 autocast, packed rows of 8
+real records): `prepare_model`, `prepare_data`, `pack_batch` and the chunked loss. Each round runs
+`--steps` steps with the kernels, then `--steps` without (`remove_fused_kernels`), in alternating
+order; one warm-up step before each timing. One process and alternation keep the comparison fair on
+a noisy machine: a slower minute slows both. Prints the per-round ratio (unfused / fused time), the
+median, and the largest resident set seen with each (the process's RSS after its steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting and round")
+    parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--cache", default="benchmarks/.cache")
+    args = parser.parse_args()
+
+    import torch
+
+    import tunelab
+    from benchmarks.defaults import CASES, commands, prepare
+    from tunelab.allocator import return_freed_memory
+    from tunelab.data.dataset import prepare_data
+    from tunelab.data.packing import pack_batch
+    from tunelab.kernels import cpu_fused
+    from tunelab.kernels.packed_attention import use_packed_attention
+    from tunelab.logprobs import model_lm_loss_sum
+    from tunelab.training.setup import prepare_model
+
+    return_freed_memory()
+    case = next(c for c in CASES["workload"] if c.method == args.method)
+    data = prepare(args.cache, "workload", 600, 64)
+    out = commands(case, data, Path(args.cache) / "fused-kernels", None, [])
+    config = tunelab.load_config(out["tunelab"][2], ["train.progress=false"])
+    assert config.train.fused_kernels, "this machine's defaults leave the fused kernels off (no bf16 CPU)"
+    model, tokenizer, _, _ = prepare_model(config)
+    use_packed_attention(model, native=config.data.native_attention)
+    examples = prepare_data(config.data, tokenizer, seed=0).train.examples
+    batches = [pack_batch(examples[i : i + 8]) for i in range(0, 8 * args.steps, 8)]
+    tokens = sum(b["input_ids"].numel() for b in batches)
+
+    def steps() -> float:
+        started = time.perf_counter()
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model_lm_loss_sum(model, batch)
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    seconds = {"fused": [], "unfused": []}
+    peak = {"fused": 0.0, "unfused": 0.0}
+    for round_ in range(args.rounds):
+        order = ["fused", "unfused"] if round_ % 2 == 0 else ["unfused", "fused"]
+        for setting in order:
+            if setting == "fused":
+                cpu_fused.apply_fused_kernels(model)
+            else:
+                cpu_fused.remove_fused_kernels(model)
+            steps()  # warm-up
+            seconds[setting].append(steps())
+            peak[setting] = max(peak[setting], rss_mb())
+    ratios = [u / f for u, f in zip(seconds["unfused"], seconds["fused"], strict=True)]
+    print(
+        f"method {args.method}, {args.steps} packed rows per timing ({tokens} tokens), {args.rounds} rounds"
+    )
+    for setting in seconds:
+        each = " ".join(f"{tokens / s:.0f}" for s in seconds[setting])
+        print(f"{setting:8s} tokens/s: {each}  (RSS up to {peak[setting]:.0f} MB)")
+    print(
+        f"speed-up (unfused s / fused s): median x{statistics.median(ratios):.3f}, rounds: "
+        + " ".join(f"x{r:.2f}" for r in ratios)
+    )
+
+
+if __name__ == "__main__":
+    main()
