@@ -106,7 +106,9 @@ def test_explicit_values_win(native):
     native(True)
     pinned = minimal(model={"dtype": "float32"}, train={"precision": "fp32"}, data={"packing": False})
     assert (pinned.model.dtype, pinned.train.precision, pinned.data.packing) == ("float32", "fp32", False)
-    assert pinned.default_notes == [] and pinned.auto_keys == ["train.fused_kernels"]  # off for fp32, silently
+    assert pinned.default_notes == [] and pinned.auto_keys == [
+        "train.fused_kernels"
+    ]  # off for fp32, silently
     assert pinned.train.fused_kernels is False
     # One explicit, the other `auto`: `auto` follows the explicit one.
     assert minimal(train={"precision": "fp32"}).model.dtype == "float32"
