@@ -18,7 +18,8 @@ Afterwards, untimed, `benchmarks.trained_eval` loads what each run saved and com
 the 64 held-out records with one code path (`benchmarks.common.eval_loss`). Runs of a pair
 alternate their order from one repeat to the next; the end prints, per case, tunelab/TRL ratios
 of every repeat and their median: speed = TRL seconds / tunelab seconds, memory = tunelab peak /
-TRL peak, eval = tunelab eval loss / TRL eval loss - 1.
+TRL peak, eval = tunelab eval loss / TRL eval loss - 1; "training loop" is the speed ratio of the
+training loops alone (`loop_seconds`: the per-step share of each job).
 
 Cases: `workload`: the 31.6M-parameter Llama of `benchmarks.workload`, 600 records, 1 epoch
 (75 steps), LoRA lr 2e-4 and full lr 5e-5. `smollm`: SmolLM2-135M-Instruct from the Q4_1 GGUF
@@ -202,19 +203,36 @@ def run_case(case: Case, data: Prepared, args, repeat: int, extra: list[str]) ->
             "command": shlex.join(cmds[trainer]),
         }
         result.update(asdict(job))
+        result["loop_seconds"] = loop_seconds(trainer, out, log)
         result["eval_loss"] = float("nan") if args.no_eval else evaluate(trainer, out, data, env)
         print(row(result), flush=True)
         results.append(result)
     return results
 
 
-HEADER = f"{'case':16s} {'trainer':8s} {'rep':>3s} {'seconds':>8s} {'peak MB':>8s} {'eval':>7s}"
+def loop_seconds(trainer: str, out: Path, log: Path) -> float:
+    """Seconds of the training loop alone (the per-step share of the job): TRL's `trainer.train()`
+    (`TRAIN_LOOP_SECONDS` in its log); tunelab's loop from its start to the last step, recovered
+    from `metrics.jsonl` (every step logged: tokens summed / the last running tokens/s). NaN if absent."""
+    if trainer == "trl":
+        lines = [line for line in log.read_text().splitlines() if line.startswith("TRAIN_LOOP_SECONDS ")]
+        return float(lines[-1].split()[1]) if lines else float("nan")
+    metrics = out / "tunelab" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if not rows or len(rows) != rows[-1]["step"] or "tokens_per_s" not in rows[-1]:
+        return float("nan")
+    return sum(r["tokens"] for r in rows) / rows[-1]["tokens_per_s"]
+
+
+HEADER = (
+    f"{'case':16s} {'trainer':8s} {'rep':>3s} {'seconds':>8s} {'loop s':>7s} {'peak MB':>8s} {'eval':>7s}"
+)
 
 
 def row(r: dict) -> str:
     return (
         f"{r['case']:16s} {r['trainer']:8s} {r['repeat']:3d} {r['seconds']:8.1f} "
-        f"{r['peak_rss_mb']:8.0f} {r['eval_loss']:7.4f}"
+        f"{r.get('loop_seconds', float('nan')):7.1f} {r['peak_rss_mb']:8.0f} {r['eval_loss']:7.4f}"
     )
 
 
@@ -230,6 +248,7 @@ def paired_ratios(results: list[dict]) -> dict[str, dict]:
         pairs = [(by[("tunelab", rep)], by[("trl", rep)]) for rep in repeats]
         ratios = {
             "speed": [trl["seconds"] / ours["seconds"] for ours, trl in pairs],
+            "loop_speed": [trl["loop_seconds"] / ours["loop_seconds"] for ours, trl in pairs],
             "memory": [ours["peak_rss_mb"] / trl["peak_rss_mb"] for ours, trl in pairs],
             "eval": [ours["eval_loss"] / trl["eval_loss"] - 1 for ours, trl in pairs],
         }
@@ -275,6 +294,7 @@ def main() -> None:
         each = " ".join(f"x{s:.2f}" for s in ratios["speed"])
         print(
             f"{case:16s} speed x{ratios['median_speed']:.2f} ({each})  "
+            f"training loop x{ratios['median_loop_speed']:.2f}  "
             f"memory x{ratios['median_memory']:.2f}  eval loss {100 * ratios['median_eval']:+.2f}%"
         )
     if args.json:

@@ -8,7 +8,8 @@ workload fixes is set (batch, epochs or steps, lr, max length; LoRA r and alpha 
 tunelab's: alpha 16, q_proj and v_proj, no dropout); everything else is TRL's default: the model
 loaded from its path in float32 (`model_init_kwargs` default) under bf16 autocast (`bf16=True`,
 TRL's default), gradient checkpointing on, loss on completions only, a linear schedule. The job
-ends as a user's does: `trainer.save_model(OUT)` (the PEFT adapter, or the full model).
+ends as a user's does: `trainer.save_model(OUT)` (the PEFT adapter, or the full model). The
+seconds of `trainer.train()` alone are printed as `TRAIN_LOOP_SECONDS s` (the loop's share).
 
 A `.gguf` model is loaded first (TRL reads a path's config without `gguf_file`), by transformers,
 which dequantises it, in float32: what TRL loads a path in; then unmarked as quantised, since TRL
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -77,7 +79,9 @@ def main() -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    started = time.perf_counter()
     trainer.train()
+    print(f"TRAIN_LOOP_SECONDS {time.perf_counter() - started:.3f}", flush=True)  # benchmarks.defaults
     trainer.save_model(args.out)
 
 
