@@ -1,7 +1,7 @@
 """The fast path by default: `model.dtype`, `train.precision`, `data.packing`, `train.fused_kernels`: `auto`.
 
 A config that names only the model, the method and the data trains the way tunelab is fastest on
-the machine it runs on. The three `auto` values are resolved once, when the config is loaded
+the machine it runs on. The `auto` values are resolved once, when the config is loaded
 (`tunelab.config.build_config`), so that everything after (the run's `config.yaml`, the memory
 planner, the model card) sees concrete values; an explicit value always wins.
 

@@ -28,10 +28,18 @@ def cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def source_tag(source: Path) -> str:
+    """A short hash of where `source` lies. torch's build of an extension is rebuilt whenever the
+    same name is built from another path (its ninja file names the source), so two checkouts or
+    virtual environments sharing a home directory would rebuild each other's kernels at every
+    switch (~40 s each); a name per location keeps one build each."""
+    return hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
+
+
 def build(name: str, source: Path, fallback: str) -> ModuleType | None:
-    """The compiled module of `source` (named `{name}_{cpu_tag()}`), or None where it cannot be
-    built: no compiler, no ninja, an unsupported platform. The reason is printed once, with what
-    tunelab does instead (`fallback`)."""
+    """The compiled module of `source` (named `{name}_{cpu_tag()}_{source_tag(source)}`), or None
+    where it cannot be built: no compiler, no ninja, an unsupported platform. The reason is printed
+    once, with what tunelab does instead (`fallback`)."""
     try:
         from torch.utils.cpp_extension import load
 
@@ -39,7 +47,8 @@ def build(name: str, source: Path, fallback: str) -> ModuleType | None:
         # -fopenmp: ATen's parallel_for is inline OpenMP code; it runs on the OpenMP runtime that
         # torch has already loaded, so the kernels use torch's threads.
         flags = ["-O3", native, "-fopenmp"]
-        return load(name=f"{name}_{cpu_tag()}", sources=[str(source)], extra_cflags=flags)
+        build_name = f"{name}_{cpu_tag()}_{source_tag(source)}"
+        return load(name=build_name, sources=[str(source)], extra_cflags=flags)
     except Exception as error:
         note(f"[tunelab] the native CPU kernel {source.name} could not be built ({error}); {fallback}")
         return None
