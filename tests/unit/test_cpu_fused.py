@@ -4,8 +4,8 @@ The references are the modules themselves (`LlamaRMSNorm`, `silu(gate) * up` as 
 it) run through autograd. In bfloat16 the kernels round where the modules round, so results are
 equal except where a float32 sum taken in another order crosses a rounding boundary: the tests
 require almost every element to be bit-identical and the rest within one bf16 step. In float32
-they agree to float32 rounding. Inputs cover both code paths of SwiGLU (16-lane vectors and the
-scalar tail) and large magnitudes (the exponential's range).
+they agree to float32 rounding. Inputs cover SwiGLU's full 16-lane blocks and a partial last block
+(zero-padded) and large magnitudes (the exponential's range).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_rms_norm_without_weight_gradient():
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32])
-@pytest.mark.parametrize("width", [64, 77])  # 77: 4 vectors of 16 and a scalar tail of 13 per row
+@pytest.mark.parametrize("width", [64, 77])  # 77: 5 x 31 x 77 elements end in a partial block
 def test_swiglu_matches_silu_times_up(dtype, width):
     torch.manual_seed(2)
     gate = (torch.randn(5, 31, width) * 4).to(dtype)

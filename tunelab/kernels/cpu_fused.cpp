@@ -9,10 +9,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "vector_math.h"  // v16, load16, store16, splat, exp16
 
 namespace {
 
@@ -45,33 +48,6 @@ struct BF16 {
   static void store(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
   static float round(float v) { return from_bf16(to_bf16(v)); }
 };
-
-// e^x for x <= 0 (below -87 it returns e^-87, a normal float ~1.6e-38): e^x = 2^n 2^f with
-// n = floor(x log2 e + 1/2), |f| <= 1/2, 2^f by a degree-6 polynomial (relative error under 2e-7).
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float y = x * 1.4426950408889634f;
-  const float n = std::floor(y + 0.5f);
-  const float f = y - n;
-  float p = 1.5403530393381609e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  const int32_t exponent = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &exponent, sizeof(scale));
-  return p * scale;
-}
-
-// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
-inline float sigmoid(float x) {
-  const float e = exp_nonpositive(-std::fabs(x));
-  const float r = 1.f / (1.f + e);
-  return x >= 0.f ? r : e * r;
-}
 
 constexpr int64_t ROWS_PER_TASK = 16;
 constexpr int64_t ELEMENTS_PER_TASK = 16384;
@@ -210,29 +186,16 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y, const 
 }
 
 // ---- SwiGLU: gate, up (same shape and dtype) -> silu(gate) * up ----
-// 16 elements at a time in GCC/Clang vector types (one AVX-512 register, two AVX2 ones), the tail
-// element by element with the scalar functions above: the same arithmetic.
+// 16 elements at a time (vector_math.h); bfloat16 lanes are widened to float32 and rounded back.
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint32_t vu16 __attribute__((vector_size(64)));
 typedef uint16_t vh16 __attribute__((vector_size(32)));
-
-inline v16 splat(float x) { return v16{} + x; }
-
-inline v16 load16(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 inline v16 load16(const uint16_t* p) {
   vh16 half;
   std::memcpy(&half, p, sizeof(half));
   return (v16)(__builtin_convertvector(half, vu16) << 16);
 }
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline void store16(uint16_t* p, v16 v) {
   const vu16 word = (vu16)v;
@@ -258,23 +221,7 @@ inline v16 round16<uint16_t>(v16 v) {
   return (v16)((word & 0x7fffffffu) > 0x7f800000u ? (word | 0x00400000u) & 0xffff0000u : rounded);
 }
 
-// exp_nonpositive, 16 lanes.
-inline v16 exp16(v16 x) {
-  x = x < splat(-87.f) ? splat(-87.f) : x;
-  const v16 y = x * 1.4426950408889634f;
-  const v16 shifted = y + 0.5f;
-  vi16 n = __builtin_convertvector(shifted, vi16);            // truncates toward zero
-  n = n + (vi16)(__builtin_convertvector(n, v16) > shifted);  // floor: a true lane is -1
-  const v16 f = y - __builtin_convertvector(n, v16);
-  v16 p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.f;
-  return p * (v16)((n + 127) << 23);
-}
-
+// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
 inline v16 sigmoid16(v16 x) {
   const v16 magnitude = (v16)((vu16)x & 0x7fffffffu);
   const v16 e = exp16(-magnitude);
@@ -282,21 +229,35 @@ inline v16 sigmoid16(v16 x) {
   return x >= 0.f ? r : e * r;
 }
 
+// Runs `block(i)` on every 16-element block of [begin, end) of the arrays in `arrays`; the last,
+// partial block is copied into zero-padded buffers first and the first `outputs` arrays copied
+// back, so the tail takes the same arithmetic as the rest.
+template <typename T, size_t N, typename Block>
+void in_blocks_of_16(int64_t begin, int64_t end, std::array<T*, N> arrays, size_t outputs, Block block) {
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) block(arrays, i);
+  if (i == end) return;
+  const int64_t rest = end - i;
+  T buffers[N][16] = {};
+  std::array<T*, N> padded;
+  for (size_t a = 0; a < N; ++a) {
+    std::memcpy(buffers[a], arrays[a] + i, rest * sizeof(T));
+    padded[a] = buffers[a];
+  }
+  block(padded, 0);
+  for (size_t a = 0; a < outputs; ++a) std::memcpy(arrays[a] + i, buffers[a], rest * sizeof(T));
+}
+
 template <typename D>
 void swiglu_forward_kernel(const typename D::T* gate, const typename D::T* up, typename D::T* out, int64_t n) {
   using T = typename D::T;
   at::parallel_for(0, n, ELEMENTS_PER_TASK, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + 16 <= end; i += 16) {
-      const v16 g = load16(gate + i);
+    std::array<T*, 3> arrays = {out, const_cast<T*>(gate), const_cast<T*>(up)};
+    in_blocks_of_16(begin, end, arrays, 1, [](std::array<T*, 3> a, int64_t i) {
+      const v16 g = load16(a[1] + i);
       const v16 activated = round16<T>(g * sigmoid16(g));  // act_fn(gate), in D
-      store16(out + i, activated * load16(up + i));
-    }
-    for (; i < end; ++i) {
-      const float g = D::load(gate, i);
-      const float activated = D::round(g * sigmoid(g));
-      D::store(out, i, activated * D::load(up, i));
-    }
+      store16(a[0] + i, activated * load16(a[2] + i));
+    });
   });
 }
 
@@ -305,23 +266,16 @@ void swiglu_backward_kernel(const typename D::T* grad, const typename D::T* gate
                             typename D::T* grad_gate, typename D::T* grad_up, int64_t n) {
   using T = typename D::T;
   at::parallel_for(0, n, ELEMENTS_PER_TASK, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + 16 <= end; i += 16) {
-      const v16 g = load16(gate + i);
-      const v16 d = load16(grad + i);
+    std::array<T*, 5> arrays = {grad_gate, grad_up, const_cast<T*>(grad), const_cast<T*>(gate),
+                                const_cast<T*>(up)};
+    in_blocks_of_16(begin, end, arrays, 2, [](std::array<T*, 5> a, int64_t i) {
+      const v16 g = load16(a[3] + i);
+      const v16 d = load16(a[2] + i);
       const v16 s = sigmoid16(g);
-      const v16 grad_activated = round16<T>(d * load16(up + i));  // grad of act * up w.r.t. act, in D
-      store16(grad_up + i, d * round16<T>(g * s));
-      store16(grad_gate + i, grad_activated * s * (1.f + g * (1.f - s)));  // silu'(g) = s (1 + g (1 - s))
-    }
-    for (; i < end; ++i) {
-      const float g = D::load(gate, i);
-      const float d = D::load(grad, i);
-      const float s = sigmoid(g);
-      const float grad_activated = D::round(d * D::load(up, i));
-      D::store(grad_up, i, d * D::round(g * s));
-      D::store(grad_gate, i, grad_activated * s * (1.f + g * (1.f - s)));
-    }
+      const v16 grad_activated = round16<T>(d * load16(a[4] + i));  // grad of act * up w.r.t. act, in D
+      store16(a[1] + i, d * round16<T>(g * s));
+      store16(a[0] + i, grad_activated * s * (1.f + g * (1.f - s)));  // silu'(g) = s (1 + g (1 - s))
+    });
   });
 }
 
