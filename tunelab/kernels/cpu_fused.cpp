@@ -197,14 +197,6 @@ inline v16 load16(const uint16_t* p) {
   return (v16)(__builtin_convertvector(half, vu16) << 16);
 }
 
-inline void store16(uint16_t* p, v16 v) {
-  const vu16 word = (vu16)v;
-  const vu16 rounded = (word + 0x7fffu + ((word >> 16) & 1u)) >> 16;
-  const vu16 nan = (word >> 16) | 0x40u;
-  const vh16 half = __builtin_convertvector((word & 0x7fffffffu) > 0x7f800000u ? nan : rounded, vh16);
-  std::memcpy(p, &half, sizeof(half));
-}
-
 // The float32 lanes rounded to bfloat16 and back (F32: unchanged), in registers.
 template <typename T>
 inline v16 round16(v16 v);
@@ -221,6 +213,12 @@ inline v16 round16<uint16_t>(v16 v) {
   return (v16)((word & 0x7fffffffu) > 0x7f800000u ? (word | 0x00400000u) & 0xffff0000u : rounded);
 }
 
+// The lanes rounded to bfloat16 (round16), their upper halves stored.
+inline void store16(uint16_t* p, v16 v) {
+  const vh16 half = __builtin_convertvector((vu16)round16<uint16_t>(v) >> 16, vh16);
+  std::memcpy(p, &half, sizeof(half));
+}
+
 // sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
 inline v16 sigmoid16(v16 x) {
   const v16 magnitude = (v16)((vu16)x & 0x7fffffffu);
@@ -229,7 +227,7 @@ inline v16 sigmoid16(v16 x) {
   return x >= 0.f ? r : e * r;
 }
 
-// Runs `block(i)` on every 16-element block of [begin, end) of the arrays in `arrays`; the last,
+// Runs `block(arrays, i)` on every 16-element block of [begin, end) of the arrays in `arrays`; the last,
 // partial block is copied into zero-padded buffers first and the first `outputs` arrays copied
 // back, so the tail takes the same arithmetic as the rest.
 template <typename T, size_t N, typename Block>
