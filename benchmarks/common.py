@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,15 @@ def add_workload_arguments(parser) -> None:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def status_kb(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (`VmRSS`, `VmHWM`, ...)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == key:
+            return int(value.split()[0])
+    raise KeyError(key)
 
 
 class StepTimer:

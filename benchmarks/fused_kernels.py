@@ -19,10 +19,6 @@ import time
 from pathlib import Path
 
 
-def rss_mb() -> float:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8)
@@ -34,6 +30,7 @@ def main() -> None:
     import torch
 
     import tunelab
+    from benchmarks.common import status_kb
     from benchmarks.defaults import CASES, commands, prepare
     from tunelab.allocator import return_freed_memory
     from tunelab.data.dataset import prepare_data
@@ -75,7 +72,7 @@ def main() -> None:
                 cpu_fused.remove_fused_kernels(model)
             steps()  # warm-up
             seconds[setting].append(steps())
-            peak[setting] = max(peak[setting], rss_mb())
+            peak[setting] = max(peak[setting], status_kb("VmRSS") / 1024)
     ratios = [u / f for u, f in zip(seconds["unfused"], seconds["fused"], strict=True)]
     print(
         f"method {args.method}, {args.steps} packed rows per timing ({tokens} tokens), {args.rounds} rounds"

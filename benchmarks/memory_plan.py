@@ -46,14 +46,6 @@ SETTINGS = {
 PARTS = ("weights", "trainable", "activations", "loss", "gradients", "working", "transient")
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name == key:
-            return int(value.split()[0])
-    raise KeyError(key)
-
-
 def config_for(cache: str, setting: str, checkpointing: bool, steps: int):
     """The run config of `setting` on the workload in `cache`."""
     from benchmarks.workload import build
@@ -89,6 +81,7 @@ def child(cache: str, setting: str, checkpointing: bool, steps: int) -> None:
     import transformers  # noqa: F401
 
     import tunelab
+    from benchmarks.common import status_kb
     from tunelab.inspection import estimate_memory
 
     config = config_for(cache, setting, checkpointing, steps)
@@ -96,9 +89,9 @@ def child(cache: str, setting: str, checkpointing: bool, steps: int) -> None:
     import gc
 
     gc.collect()
-    baseline = _status_kb("VmRSS") * 1024
+    baseline = status_kb("VmRSS") * 1024
     tunelab.train(config)
-    peak = _status_kb("VmHWM") * 1024
+    peak = status_kb("VmHWM") * 1024
     parts = {k: getattr(plan, k) for k in PARTS}
     print("RESULT " + json.dumps({"estimate": plan.total, "measured": peak - baseline, **parts}), flush=True)
 
