@@ -1,12 +1,17 @@
 """AdamW with decoupled weight decay on matrices only, and warmup + cosine/linear/constant schedules.
 
-Schedule, for step s (1-based) of S, warmup W, peak lr, floor m = min_lr_ratio:
+Schedule, for optimizer step s (1-based) of S, warmup W, peak lr, floor m = min_lr_ratio:
 
     lr(s) = lr * s / W                                   for s <= W
-    lr(s) = lr * (m + (1 - m) * f(p)),  p = (s - W) / max(1, S - W)
+    lr(s) = lr * (m + (1 - m) * f(p)),  p = (s - 1 - W) / max(1, S - W)
         f(p) = 1                         constant
         f(p) = 1 - p                     linear
         f(p) = (1 + cos(pi * p)) / 2     cosine
+
+The first step after warmup runs at the peak (p = 0) and the last at p = (S - W - 1) / (S - W), the
+step before the floor: every step moves the weights. This is the decay of transformers'
+`get_{linear,cosine}_schedule_with_warmup` step for step (`tests/unit/test_optim.py`); warmup
+differs on purpose: its first step runs at lr / W where transformers' runs at 0.
 
 The update runs as PyTorch's fused AdamW kernel on CPU and CUDA (one pass over all parameters,
 the same update up to rounding), several times faster than the default per-parameter loop
@@ -50,7 +55,7 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (1-based); see the module docstring."""
     if cfg.warmup_steps > 0 and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - 1 - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     shape = {
         "constant": 1.0,
         "linear": 1.0 - progress,
