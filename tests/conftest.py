@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 # Before anything imports huggingface_hub or datasets: they read these once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF files the tests load are converted into a cache of their own, not the user's home
+# (tunelab.export.gguf_in); tests of the cache itself set it per test.
+os.environ.setdefault("TUNELAB_GGUF_CACHE", tempfile.mkdtemp(prefix="tunelab-test-gguf-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -77,7 +77,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     """Load a tokenizer; give it a pad token (its EOS) when it has none."""
     check_model_source(name_or_path)
     try:
-        source, gguf_file = gguf_source(name_or_path)  # a .gguf file: its folder + gguf_file=NAME
+        source, gguf_file = gguf_source(name_or_path, tokenizer=True)  # a .gguf: converted (gguf_in)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf_file)
     except (OSError, ValueError) as err:
         raise TunelabError(f"cannot load a tokenizer from {name_or_path!r}: {one_line(err)}") from None
@@ -123,7 +123,7 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(quantization)
         kwargs["device_map"] = {"": device}
     try:
-        source, gguf_file = gguf_source(name_or_path)  # a .gguf file: its folder + gguf_file=NAME
+        source, gguf_file = gguf_source(name_or_path)  # a .gguf: its converted folder (gguf_in)
         with ExitStack() as files:  # the safetensors files a cast reads tensor by tensor, closed after
             cast = (
                 None if quantized or gguf_file or trust_remote_code else casting_reader(source, dtype, files)

@@ -19,21 +19,15 @@ does not grow with the data set:
     SPLIT.conversations      UTF-8 JSON lines, the checked conversations (for generation-based eval)
     SPLIT.conv_offsets int64 (C+1,)  byte offsets of those lines
 
-and `meta.json` (counts, notes, format, template). The first process to take the lock
-`KEY.lock` (`fcntl.flock`) builds the entry in `KEY.tmp-PID/` and renames it into place; every other
-process (every rank, every later run) waits on the lock, then reads the finished entry. A cache
-folder on a network file system needs working `flock`.
+and `meta.json` (counts, notes, format, template). One process builds an entry while the others
+wait on its lock (`tunelab.disk_cache`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +39,6 @@ from tunelab.data.mixture import as_sources
 from tunelab.data.sources import fingerprint
 from tunelab.data.splits import eval_split
 from tunelab.data.tokenize import Encoded, OffsetSequence, TokenArrays
-from tunelab.errors import TunelabError
 
 CACHE_VERSION = 1
 """Bumped whenever what an entry holds, or how tokens are made, changes."""
@@ -99,25 +92,6 @@ def cache_key(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, ro
 def cache_folder(cfg: DataConfig) -> Path | None:
     """`data.cache_dir` as a path (`~` expanded), or None when the cache is off."""
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
-
-
-@contextlib.contextmanager
-def locked(folder: Path, key: str) -> Iterator[Path]:
-    """Hold the entry's lock (waiting for whoever builds it) and give the entry's folder."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"{key}.lock", "a+")  # noqa: SIM115 - closed below
-    except OSError as err:
-        problem = (
-            f"cannot write the token cache in {folder} ({err.strerror or err}); set data.cache_dir: null"
-        )
-        raise TunelabError(f"data.cache_dir: {problem}") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield folder / key
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class SplitWriter:
@@ -194,27 +168,3 @@ def read_split(entry: Path, split: str) -> tuple[TokenArrays, StoredConversation
     arrays = {name: _memmap(entry / f"{split}.{name}", dtype) for name, dtype in ARRAYS.items()}
     examples = TokenArrays(arrays["ids"], arrays["targets"], arrays["offsets"])
     return examples, StoredConversations(entry / f"{split}.conversations", arrays["conv_offsets"])
-
-
-def new_entry(entry: Path) -> Path:
-    """An empty folder to build `entry` in (renamed into place by `publish`)."""
-    building = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    return building
-
-
-def publish(building: Path, entry: Path, meta: dict) -> None:
-    """Write `meta.json` and move the finished entry into place (atomically)."""
-    (building / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(entry, ignore_errors=True)
-    os.replace(building, entry)
-
-
-def read_meta(entry: Path) -> dict | None:
-    """The finished entry's `meta.json`, or None when there is no finished entry."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("version") == CACHE_VERSION else None

@@ -19,22 +19,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.config import DataConfig, SourceConfig
-from tunelab.data.cache import (
-    CACHE_VERSION,
-    SplitWriter,
-    cache_folder,
-    cache_key,
-    locked,
-    new_entry,
-    publish,
-    read_meta,
-    read_split,
-)
+from tunelab.data.cache import CACHE_VERSION, SplitWriter, cache_folder, cache_key, read_split
 from tunelab.data.formats import Conversation, detect_format, to_conversation
 from tunelab.data.mixture import Mixed, as_sources, read_mixture, source_lines
 from tunelab.data.splits import describe, eval_source
 from tunelab.data.templates import choose_template, generation_prompt, override_chat_template
 from tunelab.data.tokenize import TokenizedExample, adds_bos, encode_in_parallel, encode_prompt
+from tunelab.disk_cache import locked, new_entry, publish, read_meta
 from tunelab.errors import DataError
 
 
@@ -109,8 +100,8 @@ def prepare_data(
         meta, splits = _build(cfg, tokenizer, seed, role, None, workers)
         return _prepared(cfg, meta, splits, meta["conversations"])
     key = cache_key(cfg, tokenizer, seed, role)
-    with locked(folder, key) as entry:
-        meta, tokenized = read_meta(entry), 0
+    with locked(folder, key, "data.cache_dir", "token cache", "set data.cache_dir: null") as entry:
+        meta, tokenized = read_meta(entry, CACHE_VERSION), 0
         if meta is None:
             building = new_entry(entry)
             try:
