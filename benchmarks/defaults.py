@@ -165,8 +165,8 @@ def evaluate(trainer: str, out: Path, data: Prepared, env: dict) -> float:
 
 
 def job_env(cold_root: Path | None) -> dict[str, str]:
-    """The environment of every job: offline, no trackers; with `cold_root`, fresh data caches
-    (tunelab's token cache under HOME, datasets' cache) but the built C++ kernels kept."""
+    """The environment of every job: offline, no trackers; with `cold_root`, fresh caches (tunelab's
+    token cache and GGUF cache under HOME, datasets' cache) but the built C++ kernels kept."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_DISABLED": "true"}
     if cold_root is not None:
         shutil.rmtree(cold_root, ignore_errors=True)
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated case names (e.g. 'workload lora')")
     parser.add_argument("--trainers", default="tunelab,trl", help="comma-separated: tunelab, trl")
     parser.add_argument("--tunelab-args", default="", help="overrides added to tunelab's command line")
-    parser.add_argument("--cold", action="store_true", help="fresh token/datasets caches for every run")
+    parser.add_argument("--cold", action="store_true", help="fresh token/GGUF/datasets caches for every run")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out loss")
     parser.add_argument("--cache", default="benchmarks/.cache")
     parser.add_argument("--json", default=None, help="write every run and the ratios here (as it goes)")
