@@ -372,7 +372,7 @@ def test_batched_left_padded_generation_after_a_packed_run(demo_eval, tmp_path, 
         tmp_path / "packed.yaml",
         model={"name_or_path": str(DEMO_MODEL), **PINNED_MODEL},  # `eval` in float32 measures the run's loss
         data=demo_data(demo_eval, packing=True),
-        train={"max_steps": 3, "batch_size": 8, "lr": 3e-3, **PINNED_TRAIN, **QUIET},
+        train={"max_steps": 3, "batch_size": 8, "lr": 2e-3, **PINNED_TRAIN, **QUIET},
         eval={"max_new_tokens": MAX_NEW_TOKENS, "num_examples": 8, "batch_size": 8},
         output_dir=str(out),
     )
