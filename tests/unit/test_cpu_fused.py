@@ -1,4 +1,5 @@
-"""`tunelab.kernels.cpu_fused`: the C++ RMSNorm and SwiGLU against transformers' own modules.
+"""`tunelab.kernels.cpu_fused`: the C++ RMSNorm and SwiGLU against transformers' own modules, and the
+cross-entropy rows against PyTorch's float32 chain and a float64 reference.
 
 The references are the modules themselves (`LlamaRMSNorm`, `silu(gate) * up` as `LlamaMLP` computes
 it) run through autograd. In bfloat16 the kernels round where the modules round, so results are
@@ -129,10 +130,13 @@ EXPECTED = {  # architecture -> (RMSNorm modules fused, MLP modules fused) of a 
 def test_apply_patches_exactly_the_llama_style_modules(arch, tiny_model_dirs):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[arch])
     counts = cpu_fused.apply_fused_kernels(model)
-    assert (counts["norm"], counts["mlp"]) == EXPECTED[arch]
-    assert cpu_fused.apply_fused_kernels(model) == {"norm": 0, "mlp": 0}  # applying twice changes nothing
+    assert counts == {"norm": EXPECTED[arch][0], "mlp": EXPECTED[arch][1], "loss": 1}  # every head is linear
+    assert getattr(model.get_output_embeddings(), cpu_fused.FUSED_LOSS)
+    again = cpu_fused.apply_fused_kernels(model)  # applying twice changes nothing
+    assert (again["norm"], again["mlp"]) == (0, 0)
     cpu_fused.remove_fused_kernels(model)
     assert not any("forward" in module.__dict__ for module in model.modules())
+    assert not any(cpu_fused.FUSED_LOSS in module.__dict__ for module in model.modules())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
@@ -190,3 +194,79 @@ def test_a_patched_module_falls_back_off_the_kernels_dtypes(llama_dir):
     cpu_fused.apply_fused_kernels(model)
     fused = model.model.norm(torch.ones(2, model.config.hidden_size, dtype=torch.float16))
     assert torch.equal(fused, reference)
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])  # 37: two blocks of 16 and a rest of 5
+def test_cross_entropy_rows_are_as_exact_as_the_float32_chain(dtype, vocab):
+    """Loss lse - z_y and gradient softmax(z) - onehot(y), against float64: no further from it than
+    PyTorch's float32 chain (`tunelab.losses.causal_lm`); in bf16 the rounded gradient is the chain's."""
+    torch.manual_seed(vocab)
+    rows = torch.arange(64)
+    logits = (torch.randn(64, vocab) * 4).to(dtype)  # (n, V)
+    targets = torch.randint(0, vocab, (64,))
+    loss, grad = cpu_fused.cross_entropy_rows(logits, targets, want_grad=True)
+    exact_loss = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
+    exact_grad = torch.softmax(logits.double(), -1)
+    exact_grad[rows, targets] -= 1
+    chain_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    chain_grad = torch.softmax(logits, -1, dtype=torch.float32)
+    chain_grad[rows, targets] -= 1
+    assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
+    chain_loss_error = (chain_loss.double() - exact_loss).abs().max().item()
+    assert (loss.double() - exact_loss).abs().max().item() <= 2 * chain_loss_error + 1e-6
+    if dtype == BF16:
+        assert_matches(grad, chain_grad.to(BF16))
+    else:
+        chain_grad_error = (chain_grad.double() - exact_grad).abs().max().item()
+        assert (grad.double() - exact_grad).abs().max().item() <= 2 * chain_grad_error + 1e-7
+    assert cpu_fused.cross_entropy_rows(logits, targets, want_grad=False)[1] is None
+
+
+def test_cross_entropy_rows_refuse_a_target_outside_the_vocabulary():
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        cpu_fused.cross_entropy_rows(torch.randn(2, 8), torch.tensor([1, 8]), want_grad=True)
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_the_chunked_loss_with_the_fused_rows_equals_the_chain(llama_dir, head_trains):
+    """`chunked_lm_loss_sum` on a marked head (the C++ rows) and on an unmarked one (the chain), bf16
+    autocast, chunks of 5 targets: the same loss, and gradients of the hidden states and the head."""
+    from tunelab.losses.causal_lm import chunked_lm_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(head_trains)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, model.config.hidden_size, requires_grad=True)  # (B, T, H)
+    labels = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels[0, :3] = -100  # prompt positions carry no loss
+
+    def loss_and_grads(marked: bool):
+        cpu_fused.remove_fused_kernels(model)
+        if marked:
+            cpu_fused.apply_fused_kernels(model)
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=BF16):
+            loss = chunked_lm_loss_sum(hidden, head, labels, chunk_size=5)
+        loss.backward()
+        return loss.detach(), hidden.grad.clone(), head.weight.grad
+
+    loss, grad_h, grad_w = loss_and_grads(marked=True)
+    chain_loss, chain_h, chain_w = loss_and_grads(marked=False)
+    torch.testing.assert_close(loss, chain_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_h, chain_h, rtol=1e-3, atol=1e-5)
+    if head_trains:
+        torch.testing.assert_close(grad_w, chain_w, rtol=1e-3, atol=1e-5)
+    else:
+        assert grad_w is None
+
+
+def test_the_fused_rows_leave_soft_capped_and_other_heads_alone(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    head = model.get_output_embeddings()
+    assert not cpu_fused.takes_loss(head, BF16, None)  # not marked
+    cpu_fused.apply_fused_kernels(model)
+    assert cpu_fused.takes_loss(head, BF16, None) and cpu_fused.takes_loss(head, torch.float32, None)
+    assert not cpu_fused.takes_loss(head, BF16, 30.0)  # Gemma 2's soft-capping: the chain
+    assert not cpu_fused.takes_loss(head, torch.float16, None)

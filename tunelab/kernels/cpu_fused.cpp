@@ -1,4 +1,5 @@
-// RMSNorm and SwiGLU of a decoder block, forward and backward, each in one pass over memory on the CPU.
+// RMSNorm and SwiGLU of a decoder block, forward and backward, each in one pass over memory on the CPU;
+// and the rows of the LM head's cross-entropy (loss and gradient from the logits, one row in cache).
 // Built at first use by tunelab/kernels/cpu_fused.py (torch.utils.cpp_extension), which documents the
 // maths and the rounding points; this file is only the kernels.
 //
@@ -314,9 +315,80 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
 
 }  // namespace
 
+// ---- Cross-entropy rows: logits z (n, V), targets y (n,) int64 -> loss (n,) float32 = lse - z_y and,
+// with `want_grad`, g = softmax(z) - onehot(y) (n, V) in z's dtype. Per row, in float32: the max m,
+// s = sum exp(z - m) (exp16), lse = m + log s; g = exp(z - m) / s, minus 1 at y, rounded once. A row
+// is read three times, but at V x 2 bytes (96 KB for 49,152 tokens) it is in cache after the first.
+
+inline float max_of(v16 v) {
+  float m = v[0];
+  for (int k = 1; k < 16; ++k) m = std::max(m, v[k]);
+  return m;
+}
+
+inline float sum_of(v16 v) {
+  float total = 0.f;
+  for (int k = 0; k < 16; ++k) total += v[k];
+  return total;
+}
+
+inline float exp1(float x) { return exp16(splat(x))[0]; }  // the same exponential, one lane
+
+template <typename D>
+void xent_kernel(const typename D::T* z, const int64_t* y, float* loss, typename D::T* grad, int64_t rows,
+                 int64_t V) {
+  const int64_t blocks_end = V / 16 * 16;  // the rest (V mod 16 elements) one at a time
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* row = z + r * V;
+      v16 max16 = splat(-INFINITY);
+      for (int64_t i = 0; i < blocks_end; i += 16) {
+        const v16 v = load16(row + i);
+        max16 = v > max16 ? v : max16;
+      }
+      float m = max_of(max16);
+      for (int64_t i = blocks_end; i < V; ++i) m = std::max(m, D::load(row, i));
+      v16 sum16 = splat(0.f);
+      for (int64_t i = 0; i < blocks_end; i += 16) sum16 += exp16(load16(row + i) - m);
+      float s = sum_of(sum16);
+      for (int64_t i = blocks_end; i < V; ++i) s += exp1(D::load(row, i) - m);
+      const int64_t target = y[r];
+      loss[r] = m + std::log(s) - D::load(row, target);
+      if (grad == nullptr) continue;
+      auto* grad_row = grad + r * V;
+      const v16 sum = splat(s);
+      for (int64_t i = 0; i < blocks_end; i += 16) store16(grad_row + i, exp16(load16(row + i) - m) / sum);
+      for (int64_t i = blocks_end; i < V; ++i) D::store(grad_row, i, exp1(D::load(row, i) - m) / s);
+      D::store(grad_row, target, exp1(D::load(row, target) - m) / s - 1.f);
+    }
+  });
+}
+
+std::vector<torch::Tensor> cross_entropy_rows(const torch::Tensor& z, const torch::Tensor& y, bool want_grad) {
+  check_float(z, "logits");
+  TORCH_CHECK(z.dim() == 2, "cpu_fused: logits must be (rows, vocabulary)");
+  TORCH_CHECK(y.scalar_type() == torch::kInt64 && y.dim() == 1 && y.size(0) == z.size(0) && y.is_contiguous(),
+              "cpu_fused: targets must be contiguous int64 (rows,)");
+  const int64_t V = z.size(1);
+  TORCH_CHECK(y.numel() == 0 || (y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < V),
+              "cpu_fused: a target lies outside the vocabulary");
+  auto loss = torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
+  auto grad = want_grad ? torch::empty_like(z) : torch::Tensor();
+  const int64_t* targets = y.data_ptr<int64_t>();
+  if (is_bf16(z)) {
+    xent_kernel<BF16>(data<BF16>(z), targets, loss.data_ptr<float>(), want_grad ? data<BF16>(grad) : nullptr,
+                      z.size(0), V);
+  } else {
+    xent_kernel<F32>(data<F32>(z), targets, loss.data_ptr<float>(), want_grad ? data<F32>(grad) : nullptr,
+                     z.size(0), V);
+  }
+  return {loss, grad};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm forward: (y, rstd)");
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward: (grad_x[, grad_w])");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "(grad_gate, grad_up)");
+  m.def("cross_entropy_rows", &cross_entropy_rows, "(lse - z_y per row, softmax(z) - onehot(y) or undefined)");
 }

@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU of Llama-family decoder blocks as single C++ passes on the CPU (`train.fused_kernels`).
+"""RMSNorm and SwiGLU of Llama-family decoder blocks, and the LM head's cross-entropy rows, as single
+C++ passes on the CPU (`train.fused_kernels`).
 
 transformers computes them as chains of PyTorch operations, each reading and writing the whole
 activation: RMSNorm is eight of them forward (to float32, square, mean, add, rsqrt, multiply, back to
@@ -29,10 +30,23 @@ transformers rounds it, so a bf16 result equals the module's except where a floa
 another order crosses a rounding boundary (tests/unit/test_cpu_fused.py measures both). SwiGLU keeps
 gate and up for backward and recomputes s and a, where autograd keeps gate, a and up.
 
+Cross-entropy rows, logits z (n, V) in dtype D (the chunked loss's head output), targets y (n,):
+
+    m = max_v z_v,  s = sum_v exp(z_v - m),  loss = m + log s - z_y                  float32
+    g_v = D(exp(z_v - m) / s - [v = y])                                     dL/dz, rounded once
+
+the same values as `tunelab.losses.causal_lm`'s chain (a float32 softmax, the loss read off it, the
+one-hot subtracted, then cast to D), which writes and reads (n, V) float32 arrays several times: at a
+49,152-token vocabulary a chunk of 1,024 rows is 200 MB per array, far beyond the caches. Here a row
+(96 KB in bf16) is read from memory once and the gradient written once. exp is the kernels' own
+polynomial (relative error below 2e-7) and the sums run in another order, so values differ from
+PyTorch's in the last float32 bits (tests/unit/test_cpu_fused.py).
+
 `apply_fused_kernels(model)` replaces the `forward` of each RMSNorm and MLP module whose code is
 transformers' Llama code (Llama, Mistral, Qwen2, Qwen3, Phi-3's norms; Gemma's norms differ and
-are left alone), on that module object only. A patched forward falls back to the module's own
-for inputs the kernels do not take (not on the CPU, float16).
+are left alone), on that module object only, and marks a linear LM head (`FUSED_LOSS`) for the
+cross-entropy rows (any architecture; not with Gemma 2's logit soft-capping). A patched forward
+falls back to the module's own for inputs the kernels do not take (not on the CPU, float16).
 """
 
 from __future__ import annotations
@@ -48,6 +62,8 @@ from tunelab.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_fused.cpp")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+FUSED_LOSS = "_tunelab_fused_loss"
+"""Attribute `apply_fused_kernels` sets on a linear LM head: its chunked loss takes `cross_entropy_rows`."""
 
 
 @functools.cache
@@ -109,6 +125,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+def takes_loss(head: nn.Module, dtype: torch.dtype, softcap: float | None) -> bool:
+    """Whether the chunked loss of `head`, computing its logits in `dtype`, takes the C++ rows."""
+    marked = getattr(head, FUSED_LOSS, False) and softcap is None
+    return marked and head.weight.device.type == "cpu" and dtype in KERNEL_DTYPES
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (n, V) float32 or bf16 on the CPU, targets (n,) -> (lse - z_y (n,) float32, and with
+    `want_grad` softmax(z) - onehot(y) (n, V) in the logits' dtype, else None)."""
+    loss, grad = _extension().cross_entropy_rows(logits.contiguous(), targets.long().contiguous(), want_grad)
+    return loss, grad if want_grad else None
+
+
 def _fused_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if not _takes(hidden_states, self.weight):
         return type(self).forward(self, hidden_states)
@@ -154,8 +185,13 @@ def fusable(module: nn.Module) -> str | None:
 
 def apply_fused_kernels(model: nn.Module) -> dict[str, int]:
     """Give every fusable RMSNorm and MLP module of `model` the fused forward (on that object only;
-    the class and its other instances are untouched). Returns how many of each were patched."""
-    counts = {"norm": 0, "mlp": 0}
+    the class and its other instances are untouched), and mark a linear LM head for the fused
+    cross-entropy rows. Returns how many of each were patched."""
+    counts = {"norm": 0, "mlp": 0, "loss": 0}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is nn.Linear:
+        setattr(head, FUSED_LOSS, True)
+        counts["loss"] = 1
     forwards = {"norm": _fused_norm_forward, "mlp": _fused_mlp_forward}
     for module in model.modules():
         kind = fusable(module)
@@ -168,6 +204,7 @@ def apply_fused_kernels(model: nn.Module) -> dict[str, int]:
 def remove_fused_kernels(model: nn.Module) -> None:
     """Undo `apply_fused_kernels`: every module goes back to its class's forward."""
     for module in model.modules():
+        module.__dict__.pop(FUSED_LOSS, None)
         forward = module.__dict__.get("forward")
         if isinstance(forward, types.MethodType) and forward.__func__ in (
             _fused_norm_forward,

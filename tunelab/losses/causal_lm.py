@@ -77,8 +77,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T + b, y_i), gradients computed chunk by chunk in forward (module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, dtype):
-        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, dtype, fused_rows):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,); fused_rows: the C++ rows
+        from tunelab.kernels import cpu_fused
+
         need_h = hidden.requires_grad
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -96,27 +98,34 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if softcap is not None:
                     capped = torch.tanh(z.float() / softcap)  # (n, V)
                     z = softcap * capped
-                # One exp pass: p = softmax(z) in float32. The loss lse - z_y is read off p at the
-                # row's argmax, where p_max = exp(z_max - lse) >= 1 / V never underflows:
-                # lse - z_y = z_max - z_y - log p_max.
-                g = torch.softmax(z, dim=-1, dtype=torch.float32)  # p: (n, V)
-                z_max = z.amax(dim=-1).float()  # (n,)
-                z_y = z.gather(1, y[:, None]).squeeze(1).float()  # (n,)
-                total += (z_max - z_y - torch.log(g.amax(dim=-1))).sum()
-                if not (need_h or need_w or need_b):
-                    continue
-                g[torch.arange(y.numel(), device=y.device), y] -= 1.0  # p - onehot(y)
-                if softcap is not None:
-                    g.mul_(1.0 - capped.square_())
-                g_lp = g.to(dtype)  # (n, V)
+                if fused_rows:  # the C++ rows: loss and gradient, each row read once (cpu_fused)
+                    losses, g_lp = cpu_fused.cross_entropy_rows(z, y, need_h or need_w or need_b)
+                    total += losses.sum()
+                    if g_lp is None:
+                        continue
+                    g = None  # a bias's gradient, below, sums the rounded rows
+                else:
+                    # One exp pass: p = softmax(z) in float32. The loss lse - z_y is read off p at the
+                    # row's argmax, where p_max = exp(z_max - lse) >= 1 / V never underflows:
+                    # lse - z_y = z_max - z_y - log p_max.
+                    g = torch.softmax(z, dim=-1, dtype=torch.float32)  # p: (n, V)
+                    z_max = z.amax(dim=-1).float()  # (n,)
+                    z_y = z.gather(1, y[:, None]).squeeze(1).float()  # (n,)
+                    total += (z_max - z_y - torch.log(g.amax(dim=-1))).sum()
+                    if not (need_h or need_w or need_b):
+                        continue
+                    g[torch.arange(y.numel(), device=y.device), y] -= 1.0  # p - onehot(y)
+                    if softcap is not None:
+                        g.mul_(1.0 - capped.square_())
+                    g_lp = g.to(dtype)  # (n, V)
                 if need_h:
                     grad_h[start : start + chunk_size] = g_lp @ w  # (n, H)
                 if need_w and dtype == torch.float32:
                     grad_w.addmm_(g_lp.t(), h)  # (V, H)
                 elif need_w:
-                    grad_w += (g_lp.t() @ h).float()  # (V, H)
+                    grad_w.add_(g_lp.t() @ h)  # (V, H), widened to float32 as it adds
                 if need_b:
-                    grad_b += g.sum(0)
+                    grad_b += (g if g is not None else g_lp.float()).sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -130,6 +139,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             (grad_h * scale).to(h_dtype) if grad_h is not None else None,
             (grad_w * scale).to(w_dtype) if grad_w is not None else None,
             (grad_b * scale).to(b_dtype) if grad_b is not None else None,
+            None,
             None,
             None,
             None,
@@ -161,14 +171,12 @@ def chunked_lm_loss_sum(
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     if type(head) is torch.nn.Linear:
+        from tunelab.kernels.cpu_fused import takes_loss
+
+        dtype = _compute_dtype(head.weight)
+        fused_rows = takes_loss(head, dtype, softcap)
         return _FusedLinearCrossEntropy.apply(
-            targets_hidden,
-            head.weight,
-            head.bias,
-            targets,
-            chunk_size,
-            softcap,
-            _compute_dtype(head.weight),
+            targets_hidden, head.weight, head.bias, targets, chunk_size, softcap, dtype, fused_rows
         )
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):

@@ -123,20 +123,21 @@ def prepare_model(
 
 def use_fused_kernels(model: PreTrainedModel) -> None:
     """`train.fused_kernels`: the C++ RMSNorm and SwiGLU (`tunelab.kernels.cpu_fused`) for the model's
-    Llama-family norms and MLPs; one line says what was fused, or why nothing was."""
+    Llama-family norms and MLPs, and the cross-entropy rows for its linear LM head; one line says what
+    was fused, and which modules were not."""
     from tunelab.kernels import cpu_fused
 
     if not cpu_fused.build():
         return  # the builder printed why
     counts = cpu_fused.apply_fused_kernels(model)
-    if any(counts.values()):
-        note(
-            f"[tunelab] fused kernels: {counts['norm']} RMSNorm, {counts['mlp']} SwiGLU MLP modules (C++, CPU)"
-        )
+    fused = []
+    if counts["norm"] or counts["mlp"]:
+        fused.append(f"{counts['norm']} RMSNorm, {counts['mlp']} SwiGLU MLP modules")
     else:
-        note(
-            f"[tunelab] fused kernels: none of {type(model).__name__}'s modules is a Llama-style RMSNorm or MLP"
-        )
+        fused.append(f"none of {type(model).__name__}'s norms or MLPs (not Llama-style)")
+    if counts["loss"]:
+        fused.append("the LM head's cross-entropy")
+    note(f"[tunelab] fused kernels: {', '.join(fused)} (C++, CPU)")
 
 
 def compile_blocks(model: PreTrainedModel) -> None:
