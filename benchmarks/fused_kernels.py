@@ -1,12 +1,14 @@
 """`train.fused_kernels` on and off, paired in one process: a training step's forward and backward.
 
     python -m benchmarks.fused_kernels [--rounds 8] [--steps 3] [--method lora|full]
+    python -m benchmarks.fused_kernels --model smollm --only loss --rounds 4
 
 The model, data and step are tunelab's own, from the whole-job benchmark's minimal config
-(`benchmarks.defaults`: the 31.6M workload, LoRA r=16, bf16 base, bf16 autocast, packed rows of 8
-real records): `prepare_model`, `prepare_data`, `pack_batch` and the chunked loss. Each round runs
-`--steps` steps with the kernels, then `--steps` without (`remove_fused_kernels`), in alternating
-order; one warm-up step before each timing. One process and alternation keep the comparison fair on
+(`benchmarks.defaults`: the 31.6M workload or SmolLM2-135M-Instruct, LoRA r=16, bf16 base, bf16
+autocast, packed rows of 8 real records): `prepare_model`, `prepare_data`, `pack_batch` and the
+chunked loss. Each round runs `--steps` steps with the kernels, then `--steps` without
+(`remove_fused_kernels`), in alternating order; one warm-up step before each timing. `--only loss`
+keeps the norm and MLP kernels on in both and switches only the LM head's cross-entropy rows. One process and alternation keep the comparison fair on
 a noisy machine: a slower minute slows both. Prints the per-round ratio (unfused / fused time), the
 median, and the largest resident set seen with each (the process's RSS after its steps).
 """
@@ -24,6 +26,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting and round")
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
+    parser.add_argument("--model", default="workload", choices=["workload", "smollm"])
+    parser.add_argument("--only", default="all", choices=["all", "loss"], help="which kernels to switch")
     parser.add_argument("--cache", default="benchmarks/.cache")
     args = parser.parse_args()
 
@@ -41,8 +45,8 @@ def main() -> None:
     from tunelab.training.setup import prepare_model
 
     return_freed_memory()
-    case = next(c for c in CASES["workload"] if c.method == args.method)
-    data = prepare(args.cache, "workload", 600, 64)
+    case = next(c for c in CASES[args.model] if c.method == args.method)
+    data = prepare(args.cache, args.model, 600, 64)
     out = commands(case, data, Path(args.cache) / "fused-kernels", None, [])
     config = tunelab.load_config(out["tunelab"][2], ["train.progress=false"])
     assert config.train.fused_kernels, "this machine's defaults leave the fused kernels off (no bf16 CPU)"
@@ -66,16 +70,18 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = ["fused", "unfused"] if round_ % 2 == 0 else ["unfused", "fused"]
         for setting in order:
-            if setting == "fused":
+            cpu_fused.remove_fused_kernels(model)
+            if setting == "fused" or args.only == "loss":
                 cpu_fused.apply_fused_kernels(model)
-            else:
-                cpu_fused.remove_fused_kernels(model)
+            if setting == "unfused" and args.only == "loss":
+                del model.get_output_embeddings().__dict__[cpu_fused.FUSED_LOSS]
             steps()  # warm-up
             seconds[setting].append(steps())
             peak[setting] = max(peak[setting], status_kb("VmRSS") / 1024)
     ratios = [u / f for u, f in zip(seconds["unfused"], seconds["fused"], strict=True)]
     print(
-        f"method {args.method}, {args.steps} packed rows per timing ({tokens} tokens), {args.rounds} rounds"
+        f"{args.model}, method {args.method}, kernels switched: {args.only}, {args.steps} packed rows per "
+        f"timing ({tokens} tokens), {args.rounds} rounds"
     )
     for setting in seconds:
         each = " ".join(f"{tokens / s:.0f}" for s in seconds[setting])
