@@ -27,7 +27,10 @@ Under autocast the matmuls run in the autocast dtype and the softmax in float32.
 Each chunk makes one pass of exp over its (n, V) logits: p = softmax(z) gives the gradient, and
 the loss lse - z_y = z_max - z_y - log p_max is read off p at the row's largest logit, where
 p_max = exp(z_max - lse) >= 1/V cannot underflow (a separate logsumexp would be a second exp pass
-over the (n, V) logits, measurably slower forward and backward on CPU).
+over the (n, V) logits, measurably slower forward and backward on CPU). A head that
+`tunelab.kernels.cpu_fused.apply_fused_kernels` marked (`train.fused_kernels` on the CPU) takes the
+loss and dL/dz of each chunk from one C++ pass per row instead (`cross_entropy_rows`: the same
+formulas, each row of logits read from memory once).
 """
 
 from __future__ import annotations
