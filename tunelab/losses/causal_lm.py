@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.kernels import cpu_fused
+
 IGNORE_INDEX = -100
 
 
@@ -82,8 +84,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, dtype, fused_rows):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,); fused_rows: the C++ rows
-        from tunelab.kernels import cpu_fused
-
         need_h = hidden.requires_grad
         need_w = weight.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -174,10 +174,8 @@ def chunked_lm_loss_sum(
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     if type(head) is torch.nn.Linear:
-        from tunelab.kernels.cpu_fused import takes_loss
-
         dtype = _compute_dtype(head.weight)
-        fused_rows = takes_loss(head, dtype, softcap)
+        fused_rows = cpu_fused.takes_loss(head, dtype, softcap)
         return _FusedLinearCrossEntropy.apply(
             targets_hidden, head.weight, head.bias, targets, chunk_size, softcap, dtype, fused_rows
         )
