@@ -83,6 +83,10 @@ def test_a_full_disk_reads_the_gguf_directly(gguf_file, tmp_path, monkeypatch, c
     assert gguf_source(str(gguf_file)) == (str(gguf_file.parent), {"gguf_file": gguf_file.name})
     assert "too little for its float32 weights" in capsys.readouterr().out
     assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(gguf_in, "GROWTH", 1)
+    folder, _ = gguf_source(str(gguf_file))  # converted while there was room
+    monkeypatch.setattr(gguf_in, "GROWTH", 10**15)
+    assert gguf_source(str(gguf_file)) == (folder, {})  # a full disk does not bypass a finished entry
 
 
 def test_a_tokenizer_that_does_not_round_trip_is_read_from_the_gguf(gguf_file, tmp_path, monkeypatch):

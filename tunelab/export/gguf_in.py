@@ -17,8 +17,8 @@ a later one, in any command, reads the folder like any other local model (lean l
 a bfloat16 base is cast tensor by tensor). An entry is keyed by the file's absolute path, size and
 modification time, and the transformers version; one process converts while the others wait
 (`tunelab.disk_cache`). `TUNELAB_GGUF_CACHE=off` reads the GGUF directly every time, as does a
-cache folder without room for the float32 weights (checked first, against 13x the file's size:
-the most a 2.5-bit quantisation grows to in float32).
+file not yet converted where the cache's disk lacks room for its float32 weights (checked before
+converting, against 13x the file's size: the most a 2.5-bit quantisation grows to in float32).
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ def gguf_source(name_or_path: str, tokenizer: bool = False) -> tuple[str, dict]:
     if not path.is_file():
         raise TunelabError(f"GGUF file {name_or_path!r} does not exist")
     root = cache_root()
-    if root is not None and has_room(root, path):
-        folder, meta = converted_folder(path, root)
-        if meta["tokenizer"] or not tokenizer:
-            return str(folder), {}
+    converted = converted_folder(path, root) if root is not None else None
+    if converted is not None and (converted[1]["tokenizer"] or not tokenizer):
+        return str(converted[0]), {}
     return str(path.parent), {"gguf_file": path.name}
 
 
@@ -94,11 +93,15 @@ def conversion_key(path: Path) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
 
 
-def converted_folder(path: Path, root: Path) -> tuple[Path, dict]:
+def converted_folder(path: Path, root: Path) -> tuple[Path, dict] | None:
     """(folder, its meta.json) of the model converted from the GGUF `path` in the cache `root`,
-    converting it first when no finished entry exists (one process at a time)."""
+    converting it first when no finished entry exists (one process at a time); None when there is
+    none and the disk has no room for one (`has_room`)."""
     turn_off = f"set {CACHE_ENV}=off to read GGUF files directly, or another folder"
-    with locked(root, conversion_key(path), CACHE_ENV, "GGUF cache", turn_off) as entry:
+    key = conversion_key(path)
+    if not (root / key / "meta.json").is_file() and not has_room(root, path):
+        return None
+    with locked(root, key, CACHE_ENV, "GGUF cache", turn_off) as entry:
         meta = read_meta(entry, CONVERSION_VERSION)
         if meta is None:
             building = new_entry(entry)
