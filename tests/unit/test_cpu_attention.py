@@ -81,6 +81,46 @@ def test_bf16_inputs_come_back_in_bf16_and_close():
         torch.testing.assert_close(got.double(), expected, atol=6e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("heads, kv_heads, dim", [(8, 4, 64), (4, 1, 128), (4, 2, 16)])
+def test_the_bf16_kernel_is_the_float32_kernel_rounded_where_it_writes(heads, kv_heads, dim):
+    """bf16 q, k, v are widened as read and every sum runs in float32, so the bf16 kernel's out,
+    dq, dk, dv equal the float32 kernel's on the widened inputs, rounded to bf16, bit for bit; lse is
+    the same float32. Backward reads d_t = dO . out from the rounded out (given to both)."""
+    query, key, value, cu, grad = packed(heads, kv_heads, dim, dtype=torch.bfloat16, seed=5)
+    extension, offsets, scale = cpu_attention._extension(), cu.long(), 0.7 / dim**0.5
+    q, k, v = (t.detach()[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (N, h, D)
+    grad_out = grad[0].contiguous()  # (N, H, D)
+    out16, lse16 = extension.forward(q, k, v, offsets, scale)
+    out32, lse32 = extension.forward(q.float(), k.float(), v.float(), offsets, scale)
+    assert out16.dtype == torch.bfloat16 and lse16.dtype == torch.float32
+    assert torch.equal(out16, out32.to(torch.bfloat16)) and torch.equal(lse16, lse32)
+    grads16 = extension.backward(q, k, v, out16, grad_out, lse16, offsets, scale)
+    wide = (q.float(), k.float(), v.float(), out16.float(), grad_out.float())
+    grads32 = extension.backward(*wide, lse32, offsets, scale)
+    for got, want in zip(grads16, grads32, strict=True):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_under_bf16_autocast_it_runs_in_bf16_as_sdpa_would_and_saves_bf16():
+    """float32 q, k, v under CPU autocast to bf16 (full fine-tuning's rotary output): the kernel
+    takes them rounded to bf16, as SDPA (an autocast op) would, returns bf16 equal to the kernel on
+    bf16 inputs, and saves q, k, v and out in bf16 (lse in float32) for backward; the gradients
+    reach the float32 leaves in float32."""
+    query, key, value, cu, grad = packed(8, 4, 64, seed=6)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = cpu_attention.packed_native(query, key, value, cu, None)
+    rounded = (t.detach().to(torch.bfloat16) for t in (query, key, value))
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, cpu_attention.packed_native(*rounded, cu, None))
+    floats = [t for t in saved if t.is_floating_point()]
+    assert sorted(str(t.dtype) for t in floats) == ["torch.bfloat16"] * 4 + ["torch.float32"]
+    assert next(t for t in floats if t.dtype == torch.float32).shape == (8, query.shape[2])  # lse (H, N)
+    out.backward(grad.to(torch.bfloat16))
+    assert all(t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all() for t in (query, key, value))
+
+
 @pytest.fixture
 def threads():
     """`threads(n)` sets torch's (and so the kernel's) thread count for the test; restored after."""

@@ -223,6 +223,24 @@ def test_cross_entropy_rows_are_as_exact_as_the_float32_chain(dtype, vocab):
     assert cpu_fused.cross_entropy_rows(logits, targets, want_grad=False)[1] is None
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("vocab", [1000, 37])
+def test_cross_entropy_rows_in_place_write_the_same_gradient_over_the_logits(dtype, vocab):
+    """`in_place=True` (the chunked loss's call: one (n, V) array instead of two): the same loss and
+    gradient bit for bit, written over the caller's logits, also where the target is the row's last
+    element or falls in the partial block after the last 16 lanes (vocab 37)."""
+    torch.manual_seed(vocab + 1)
+    logits = (torch.randn(16, vocab) * 4).to(dtype)  # (n, V)
+    targets = torch.randint(0, vocab, (16,))
+    targets[:3] = torch.tensor([0, vocab - 1, vocab - 2])
+    want_loss, want_grad = cpu_fused.cross_entropy_rows(logits.clone(), targets, want_grad=True)
+    overwritten = logits.clone()
+    loss, grad = cpu_fused.cross_entropy_rows(overwritten, targets, want_grad=True, in_place=True)
+    assert grad.data_ptr() == overwritten.data_ptr()
+    assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+    assert torch.equal(overwritten, want_grad)
+
+
 def test_cross_entropy_rows_refuse_a_target_outside_the_vocabulary():
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
         cpu_fused.cross_entropy_rows(torch.randn(2, 8), torch.tensor([1, 8]), want_grad=True)

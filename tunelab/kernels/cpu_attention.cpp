@@ -2,7 +2,10 @@
 // Built at first use by tunelab/kernels/cpu_attention.py (torch.utils.cpp_extension), which documents
 // the maths; this file is only the kernel.
 //
-// Layout: q, out, grad_out (N, H, D); k, v (N, Hkv, D); lse (H, N); all float32, contiguous.
+// Layout: q, out, grad_out (N, H, D); k, v (N, Hkv, D); lse (H, N) float32; all contiguous. q, k, v,
+// out, grad_out and the gradients share one element type E: float32 or bfloat16 (F32, BF16 of
+// vector_math.h). bfloat16 inputs are widened as they are read, every sum runs in float32, and the
+// outputs are rounded once as they are written.
 // Examples: offsets cu (B + 1,), int64. H = G * Hkv: query head h reads key/value head h / G.
 //
 // One task is one (example, key/value head): its G query heads share one packed copy of K and V,
@@ -27,7 +30,7 @@
 #include <numeric>
 #include <vector>
 
-#include "vector_math.h"  // v16, load16, store16, splat, exp16
+#include "vector_math.h"  // v16, load16, store16, splat, exp16; F32, BF16
 
 namespace {
 
@@ -65,19 +68,25 @@ void for_each_task(const Examples& ex, F body) {
 
 // K (or V) rows of one example and key/value head, packed as tiles of JB keys: tile t holds
 // x[t * JB + jj][d] at t * D * JB + d * JB + jj (zero beyond T).
-template <int D>
-void pack_tiles(const float* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* tiles) {
+template <int D, typename E>
+void pack_tiles(const typename E::T* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* tiles) {
   for (int64_t j = 0; j < T; ++j) {
-    const float* x = src + ((c0 + j) * kv_heads + kvh) * D;
+    const typename E::T* x = src + ((c0 + j) * kv_heads + kvh) * D;
     float* tile = tiles + (j / JB) * (D * JB) + (j % JB);
-    for (int d = 0; d < D; ++d) tile[d * JB] = x[d];
+    for (int d = 0; d < D; ++d) tile[d * JB] = E::load(x, d);
   }
 }
 
-// The same rows, plain: rows[j * D + d].
-template <int D>
-void copy_rows(const float* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* rows) {
-  for (int64_t j = 0; j < T; ++j) std::memcpy(rows + j * D, src + ((c0 + j) * kv_heads + kvh) * D, D * sizeof(float));
+// One row of D elements converted between element types (bfloat16 rounded on the way in).
+template <int D, typename From, typename To>
+inline void convert_row(const From* src, To* dst) {
+  for (int b = 0; b < D / 16; ++b) store16(dst + 16 * b, load16(src + 16 * b));
+}
+
+// The same rows, plain float32: rows[j * D + d].
+template <int D, typename E>
+void copy_rows(const typename E::T* src, int64_t c0, int64_t T, int64_t kv_heads, int64_t kvh, float* rows) {
+  for (int64_t j = 0; j < T; ++j) convert_row<D>(src + ((c0 + j) * kv_heads + kvh) * D, rows + j * D);
 }
 
 // out[r][j] = sum_d a[r][d] tiles[j][d] for r < R, j < jmax (rounded up to JB), into out (R x Tp).
@@ -131,30 +140,41 @@ inline void probabilities(float* s, int64_t n, int64_t jmax, float lse) {
   for (int64_t j = n; j < std::max(n16, jmax); ++j) s[j] = 0.f;
 }
 
-template <int D>
+template <typename E>
+const typename E::T* elements(const torch::Tensor& t) {
+  return reinterpret_cast<const typename E::T*>(t.data_ptr());
+}
+
+template <typename E>
+typename E::T* elements(torch::Tensor& t) {
+  return reinterpret_cast<typename E::T*>(t.data_ptr());
+}
+
+template <int D, typename E>
 std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                      const torch::Tensor& cu, double scale) {
   const int64_t N = q.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv;
   auto out = torch::empty_like(q);
-  auto lse = torch::empty({H, N}, q.options());
+  auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat32));
   const Examples ex = examples_of(cu, Hkv);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const typename E::T *qp = elements<E>(q), *kp = elements<E>(k), *vp = elements<E>(v);
+  typename E::T* op = elements<E>(out);
+  float* lp = lse.data_ptr<float>();
   const float sc = (float)scale;
   for_each_task(ex, [&](int64_t task) {
     const int64_t e = task / Hkv, kvh = task % Hkv, c0 = ex.start[e], T = ex.start[e + 1] - c0;
     const int64_t Tp = (T + JB - 1) / JB * JB;
     std::vector<float> k_tiles(D * Tp, 0.f), v_rows(Tp * D, 0.f), s(R * Tp);
-    pack_tiles<D>(kp, c0, T, Hkv, kvh, k_tiles.data());
-    copy_rows<D>(vp, c0, T, Hkv, kvh, v_rows.data());
+    pack_tiles<D, E>(kp, c0, T, Hkv, kvh, k_tiles.data());
+    copy_rows<D, E>(vp, c0, T, Hkv, kvh, v_rows.data());
     for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
       for (int64_t i0 = 0; i0 < T; i0 += R) {
         const int64_t rows = std::min<int64_t>(R, T - i0), jmax = i0 + rows;
         float qs[R][D];
         for (int r = 0; r < R; ++r) {
           if (r < rows) {
-            const float* src = qp + ((c0 + i0 + r) * H + h) * D;
-            for (int d = 0; d < D; ++d) qs[r][d] = src[d] * sc;
+            const typename E::T* src = qp + ((c0 + i0 + r) * H + h) * D;
+            for (int d = 0; d < D; ++d) qs[r][d] = E::load(src, d) * sc;
           } else {
             std::fill(qs[r], qs[r] + D, 0.f);
           }
@@ -184,14 +204,16 @@ std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor
           for (int64_t j = 0; j < n16; j += 16) store16(row + j, load16(row + j) * inv);
           lp[h * N + c0 + i0 + r] = m + std::log(l);
         }
-        weights_times_rows<D>(s.data(), Tp, v_rows.data(), jmax, rows, 1.f, op + ((c0 + i0) * H + h) * D, H * D);
+        float o[R][D];
+        weights_times_rows<D>(s.data(), Tp, v_rows.data(), jmax, rows, 1.f, &o[0][0], D);
+        for (int r = 0; r < rows; ++r) convert_row<D>(o[r], op + ((c0 + i0 + r) * H + h) * D);
       }
     }
   });
   return {out, lse};
 }
 
-template <int D>
+template <int D, typename E>
 std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                       const torch::Tensor& out, const torch::Tensor& grad_out,
                                       const torch::Tensor& lse, const torch::Tensor& cu, double scale) {
@@ -199,18 +221,19 @@ std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tenso
   const int64_t N = q.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv;
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   const Examples ex = examples_of(cu, Hkv);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *opp = out.data_ptr<float>(), *gp = grad_out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const typename E::T *qp = elements<E>(q), *kp = elements<E>(k), *vp = elements<E>(v);
+  const typename E::T *opp = elements<E>(out), *gp = elements<E>(grad_out);
+  const float* lp = lse.data_ptr<float>();
+  typename E::T *dqp = elements<E>(dq), *dkp = elements<E>(dk), *dvp = elements<E>(dv);
   const float sc = (float)scale;
   for_each_task(ex, [&](int64_t task) {
     const int64_t e = task / Hkv, kvh = task % Hkv, c0 = ex.start[e], T = ex.start[e + 1] - c0;
     const int64_t Tp = (T + JB - 1) / JB * JB;
     std::vector<float> k_tiles(D * Tp, 0.f), v_tiles(D * Tp, 0.f), k_rows(Tp * D, 0.f);
     std::vector<float> p(R * Tp), dp(R * Tp), dk_acc(T * D, 0.f), dv_acc(T * D, 0.f);
-    pack_tiles<D>(kp, c0, T, Hkv, kvh, k_tiles.data());
-    copy_rows<D>(kp, c0, T, Hkv, kvh, k_rows.data());
-    pack_tiles<D>(vp, c0, T, Hkv, kvh, v_tiles.data());
+    pack_tiles<D, E>(kp, c0, T, Hkv, kvh, k_tiles.data());
+    copy_rows<D, E>(kp, c0, T, Hkv, kvh, k_rows.data());
+    pack_tiles<D, E>(vp, c0, T, Hkv, kvh, v_tiles.data());
     for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
       for (int64_t i0 = 0; i0 < T; i0 += R) {
         const int64_t rows = std::min<int64_t>(R, T - i0), jmax = i0 + rows;
@@ -269,48 +292,64 @@ std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tenso
           }
         }
         // dQ_r = scale sum_j dS_rj K_j
-        weights_times_rows<D>(dp.data(), Tp, k_rows.data(), jmax, rows, sc, dqp + ((c0 + i0) * H + h) * D, H * D);
+        float dq_rows[R][D];
+        weights_times_rows<D>(dp.data(), Tp, k_rows.data(), jmax, rows, sc, &dq_rows[0][0], D);
+        for (int r = 0; r < rows; ++r) convert_row<D>(dq_rows[r], dqp + ((c0 + i0 + r) * H + h) * D);
       }
     }
     for (int64_t j = 0; j < T; ++j) {
-      std::memcpy(dkp + ((c0 + j) * Hkv + kvh) * D, &dk_acc[j * D], D * sizeof(float));
-      std::memcpy(dvp + ((c0 + j) * Hkv + kvh) * D, &dv_acc[j * D], D * sizeof(float));
+      convert_row<D>(&dk_acc[j * D], dkp + ((c0 + j) * Hkv + kvh) * D);
+      convert_row<D>(&dv_acc[j * D], dvp + ((c0 + j) * Hkv + kvh) * D);
     }
   });
   return {dq, dk, dv};
 }
 
 void check(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& cu) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,
+              "cpu_attention: q, k, v must be float32 or bfloat16");
   for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->device().is_cpu(),
-                "cpu_attention: q, k, v must be contiguous float32 (N, heads, D) CPU tensors");
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == q.scalar_type() && t->is_contiguous() && t->device().is_cpu(),
+                "cpu_attention: q, k, v must be contiguous (N, heads, D) CPU tensors of one dtype");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2), "cpu_attention: shapes");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "cpu_attention: query heads must be a multiple of key/value heads");
   TORCH_CHECK(cu.dim() == 1 && cu.scalar_type() == torch::kInt64, "cpu_attention: cu must be int64 (B + 1,)");
 }
 
-#define TUNELAB_BY_HEAD_DIM(D_VALUE, CALL)                                                  \
-  switch (D_VALUE) {                                                                        \
-    case 16: { constexpr int D = 16; return CALL; }                                         \
-    case 32: { constexpr int D = 32; return CALL; }                                         \
-    case 64: { constexpr int D = 64; return CALL; }                                         \
-    case 128: { constexpr int D = 128; return CALL; }                                       \
+#define TUNELAB_BY_HEAD_DIM(D_VALUE, CALL)                                            \
+  switch (D_VALUE) {                                                                  \
+    case 16: { constexpr int D = 16; return CALL; }                                   \
+    case 32: { constexpr int D = 32; return CALL; }                                   \
+    case 64: { constexpr int D = 64; return CALL; }                                   \
+    case 128: { constexpr int D = 128; return CALL; }                                 \
     default: TORCH_CHECK(false, "cpu_attention: head dim must be 16, 32, 64 or 128"); \
+  }
+
+// CALL for the element type of `t` (E) and the head dim of q (D).
+#define TUNELAB_BY_TYPE_AND_HEAD_DIM(t, D_VALUE, CALL)                             \
+  if ((t).scalar_type() == torch::kBFloat16) {                                     \
+    using E = BF16;                                                                \
+    TUNELAB_BY_HEAD_DIM(D_VALUE, CALL)                                             \
+  } else {                                                                         \
+    using E = F32;                                                                 \
+    TUNELAB_BY_HEAD_DIM(D_VALUE, CALL)                                             \
   }
 
 std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu,
                                    double scale) {
   check(q, k, v, cu);
-  TUNELAB_BY_HEAD_DIM(q.size(2), forward_d<D>(q, k, v, cu, scale));
+  TUNELAB_BY_TYPE_AND_HEAD_DIM(q, q.size(2), (forward_d<D, E>(q, k, v, cu, scale)));
 }
 
 std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                                     torch::Tensor grad_out, torch::Tensor lse, torch::Tensor cu, double scale) {
   check(q, k, v, cu);
   TORCH_CHECK(out.sizes() == q.sizes() && grad_out.sizes() == q.sizes() && out.is_contiguous() &&
-                  grad_out.is_contiguous() && grad_out.scalar_type() == torch::kFloat32,
-              "cpu_attention: out and grad_out must be contiguous float32 shaped like q");
-  TUNELAB_BY_HEAD_DIM(q.size(2), backward_d<D>(q, k, v, out, grad_out, lse, cu, scale));
+                  grad_out.is_contiguous() && out.scalar_type() == q.scalar_type() &&
+                  grad_out.scalar_type() == q.scalar_type(),
+              "cpu_attention: out and grad_out must be contiguous, shaped like q and of its dtype");
+  TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous(), "cpu_attention: lse must be float32");
+  TUNELAB_BY_TYPE_AND_HEAD_DIM(q, q.size(2), (backward_d<D, E>(q, k, v, out, grad_out, lse, cu, scale)));
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-"""Packed attention's native CPU kernel: causal attention within each example, in float32, written
-in C++ (`cpu_attention.cpp`) and compiled at first use.
+"""Packed attention's native CPU kernel: causal attention within each example, computed in float32,
+written in C++ (`cpu_attention.cpp`) and compiled at first use.
 
 For example i with rows c_{i-1} .. c_i - 1, a query head's q (T, D), its key/value head's k, v (T, D)
 and scale c, token t gets
@@ -12,8 +12,17 @@ and backward, from dO, recomputes P from the saved lse (nothing of size T^2 is s
     d_t = dO_t . out_t,   dS_tj = P_tj (dO_t . v_j - d_t),
     dq_t = c sum_j dS_tj k_j,   dk_j = c sum_t dS_tj q_t,   dv_j = sum_t P_tj dO_t
 
-summing dk and dv over the query heads that share a key/value head. It is the per-example flash
-loop's arithmetic (`packed_kernels.per_example_sdpa`, also float32), arranged for short examples:
+summing dk and dv over the query heads that share a key/value head.
+
+Element types: q, k, v, the output and the gradients are all float32 or all bf16 (`kernel_dtype`):
+bf16 under CPU autocast to bf16, as PyTorch's SDPA (an autocast op) would take them there, or when
+q, k and v come in bf16. bf16 values are widened as they are read, every product and sum runs in
+float32, and out, dq, dk, dv are rounded once as they are written. Backward saves q, k, v and out in
+their dtype (half the bytes of float32 copies in bf16) and reads d_t from the rounded out, as
+PyTorch's flash kernels do.
+
+The arithmetic is the per-example flash loop's (`packed_kernels.per_example_sdpa`, float32), arranged
+for short examples:
 PyTorch's CPU flash kernel works in blocks of 32-64 queries with a matrix-library call per block,
 which suits long sequences and stays far below the float32 peak on examples of a few hundred
 tokens; the kernel here keeps 8 queries x 32 keys in registers. It is faster than that loop on one
@@ -63,23 +72,32 @@ def kernel_available(query: torch.Tensor, dropout: float) -> bool:
 
 
 class _PackedCausalAttention(torch.autograd.Function):
-    """q (N, H, D), k/v (N, Hkv, D) in any float dtype -> (N, H, D) in q's dtype."""
+    """q (N, H, D), k/v (N, Hkv, D), contiguous, all float32 or all bf16 -> (N, H, D) in their dtype.
+    Saves q, k, v and the output as they are (bf16 stays bf16) and the float32 lse (H, N)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu, scale: float):
-        dtype = q.dtype
-        q32, k32, v32 = (t.to(torch.float32).contiguous() for t in (q, k, v))  # (N, heads, D)
-        out, lse = _extension().forward(q32, k32, v32, cu, scale)  # (N, H, D), (H, N)
-        ctx.save_for_backward(q32, k32, v32, out, lse, cu)
-        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
-        return out.to(dtype)
+        out, lse = _extension().forward(q, k, v, cu, scale)  # (N, H, D), (H, N)
+        ctx.save_for_backward(q, k, v, out, lse, cu)
+        ctx.scale = scale
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q32, k32, v32, out, lse, cu = ctx.saved_tensors
-        grad = grad_out.to(torch.float32).contiguous()  # (N, H, D)
-        dq, dk, dv = _extension().backward(q32, k32, v32, out, grad, lse, cu, ctx.scale)
-        return (*(g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True)), None, None)
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        grad = grad_out.to(q.dtype).contiguous()  # (N, H, D)
+        dq, dk, dv = _extension().backward(q, k, v, out, grad, lse, cu, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def kernel_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The element type the kernel reads and writes: bf16 under CPU autocast to bf16 (where PyTorch's
+    SDPA, an autocast op, would cast q, k, v to bf16 too) or when q, k and v are all bf16; float32
+    otherwise (the inputs widened)."""
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if autocast_bf16 or query.dtype == key.dtype == value.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
 
 
 def check_offsets(cu: torch.Tensor, length: int) -> None:
@@ -104,8 +122,13 @@ def check_offsets(cu: torch.Tensor, length: int) -> None:
 
 def packed_native(query, key, value, cu, scale: float | None) -> torch.Tensor:
     """Attention within each example of a packed row: query (1, H, N, D), key/value (1, Hkv, N, D),
-    offsets cu (B + 1,) from 0 to N (`check_offsets`). Returns (1, N, H, D) in query's dtype."""
+    offsets cu (B + 1,) from 0 to N (`check_offsets`). Returns (1, N, H, D): in bf16 under CPU
+    autocast to bf16 (as SDPA would), else in query's dtype."""
     check_offsets(cu, query.shape[2])
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, heads, D)
-    return _PackedCausalAttention.apply(q, k, v, cu.to(torch.int64), scale).unsqueeze(0)
+    dtype = kernel_dtype(query, key, value)
+    # (N, heads, D); transformers' q, k, v are transposed views of (N, heads, D) rows: no copy
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
+    out = _PackedCausalAttention.apply(q, k, v, cu.to(torch.int64), scale)
+    autocast = torch.is_autocast_enabled("cpu") and dtype == torch.bfloat16
+    return (out if autocast else out.to(query.dtype)).unsqueeze(0)

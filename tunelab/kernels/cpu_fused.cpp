@@ -16,39 +16,9 @@
 #include <cstring>
 #include <vector>
 
-#include "vector_math.h"  // v16, load16, store16, splat, exp16
+#include "vector_math.h"  // v16, load16, store16, splat, exp16; bfloat16: F32, BF16, round16
 
 namespace {
-
-inline float from_bf16(uint16_t bits) {
-  const uint32_t word = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
-inline uint16_t to_bf16(float value) {
-  uint32_t word;
-  std::memcpy(&word, &value, sizeof(word));
-  if ((word & 0x7fffffffu) > 0x7f800000u) return uint16_t((word >> 16) | 0x40u);  // NaN stays NaN
-  word += 0x7fffu + ((word >> 16) & 1u);  // round to nearest, ties to even
-  return uint16_t(word >> 16);
-}
-
-// Loads, stores and rounds for the two element types.
-struct F32 {
-  using T = float;
-  static float load(const float* p, int64_t i) { return p[i]; }
-  static void store(float* p, int64_t i, float v) { p[i] = v; }
-  static float round(float v) { return v; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static float load(const uint16_t* p, int64_t i) { return from_bf16(p[i]); }
-  static void store(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
-  static float round(float v) { return from_bf16(to_bf16(v)); }
-};
 
 constexpr int64_t ROWS_PER_TASK = 16;
 constexpr int64_t ELEMENTS_PER_TASK = 16384;
@@ -189,37 +159,6 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y, const 
 // ---- SwiGLU: gate, up (same shape and dtype) -> silu(gate) * up ----
 // 16 elements at a time (vector_math.h); bfloat16 lanes are widened to float32 and rounded back.
 
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vh16 __attribute__((vector_size(32)));
-
-inline v16 load16(const uint16_t* p) {
-  vh16 half;
-  std::memcpy(&half, p, sizeof(half));
-  return (v16)(__builtin_convertvector(half, vu16) << 16);
-}
-
-// The float32 lanes rounded to bfloat16 and back (F32: unchanged), in registers.
-template <typename T>
-inline v16 round16(v16 v);
-
-template <>
-inline v16 round16<float>(v16 v) {
-  return v;
-}
-
-template <>
-inline v16 round16<uint16_t>(v16 v) {
-  const vu16 word = (vu16)v;
-  const vu16 rounded = (word + 0x7fffu + ((word >> 16) & 1u)) & 0xffff0000u;
-  return (v16)((word & 0x7fffffffu) > 0x7f800000u ? (word | 0x00400000u) & 0xffff0000u : rounded);
-}
-
-// The lanes rounded to bfloat16 (round16), their upper halves stored.
-inline void store16(uint16_t* p, v16 v) {
-  const vh16 half = __builtin_convertvector((vu16)round16<uint16_t>(v) >> 16, vh16);
-  std::memcpy(p, &half, sizeof(half));
-}
-
 // sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
 inline v16 sigmoid16(v16 x) {
   const v16 magnitude = (v16)((vu16)x & 0x7fffffffu);
@@ -353,18 +292,21 @@ void xent_kernel(const typename D::T* z, const int64_t* y, float* loss, typename
       float s = sum_of(sum16);
       for (int64_t i = blocks_end; i < V; ++i) s += exp1(D::load(row, i) - m);
       const int64_t target = y[r];
-      loss[r] = m + std::log(s) - D::load(row, target);
+      const float z_target = D::load(row, target);  // read before grad (possibly z itself) overwrites it
+      loss[r] = m + std::log(s) - z_target;
       if (grad == nullptr) continue;
       auto* grad_row = grad + r * V;
       const v16 sum = splat(s);
       for (int64_t i = 0; i < blocks_end; i += 16) store16(grad_row + i, exp16(load16(row + i) - m) / sum);
       for (int64_t i = blocks_end; i < V; ++i) D::store(grad_row, i, exp1(D::load(row, i) - m) / s);
-      D::store(grad_row, target, exp1(D::load(row, target) - m) / s - 1.f);
+      D::store(grad_row, target, exp1(z_target - m) / s - 1.f);
     }
   });
 }
 
-std::vector<torch::Tensor> cross_entropy_rows(const torch::Tensor& z, const torch::Tensor& y, bool want_grad) {
+// in_place: the gradient overwrites z, row by row (each element is read before it is written).
+std::vector<torch::Tensor> cross_entropy_rows(torch::Tensor z, const torch::Tensor& y, bool want_grad,
+                                              bool in_place) {
   check_float(z, "logits");
   TORCH_CHECK(z.dim() == 2, "cpu_fused: logits must be (rows, vocabulary)");
   TORCH_CHECK(y.scalar_type() == torch::kInt64 && y.dim() == 1 && y.size(0) == z.size(0) && y.is_contiguous(),
@@ -373,7 +315,7 @@ std::vector<torch::Tensor> cross_entropy_rows(const torch::Tensor& z, const torc
   TORCH_CHECK(y.numel() == 0 || (y.min().item<int64_t>() >= 0 && y.max().item<int64_t>() < V),
               "cpu_fused: a target lies outside the vocabulary");
   auto loss = torch::empty({z.size(0)}, z.options().dtype(torch::kFloat32));
-  auto grad = want_grad ? torch::empty_like(z) : torch::Tensor();
+  auto grad = want_grad ? (in_place ? z : torch::empty_like(z)) : torch::Tensor();
   const int64_t* targets = y.data_ptr<int64_t>();
   if (is_bf16(z)) {
     xent_kernel<BF16>(data<BF16>(z), targets, loss.data_ptr<float>(), want_grad ? data<BF16>(grad) : nullptr,
@@ -390,5 +332,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm backward: (grad_x[, grad_w])");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up");
   m.def("swiglu_backward", &swiglu_backward, "(grad_gate, grad_up)");
-  m.def("cross_entropy_rows", &cross_entropy_rows, "(lse - z_y per row, softmax(z) - onehot(y) or undefined)");
+  m.def("cross_entropy_rows", &cross_entropy_rows, "(lse - z_y per row, softmax(z) - onehot(y) [in z's place] or undefined)");
 }

@@ -132,11 +132,13 @@ def takes_loss(head: nn.Module, dtype: torch.dtype, softcap: float | None) -> bo
 
 
 def cross_entropy_rows(
-    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool
+    logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, in_place: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits (n, V) float32 or bf16 on the CPU, targets (n,) -> (lse - z_y (n,) float32, and with
-    `want_grad` softmax(z) - onehot(y) (n, V) in the logits' dtype, else None)."""
-    loss, grad = _extension().cross_entropy_rows(logits.contiguous(), targets.long().contiguous(), want_grad)
+    `want_grad` softmax(z) - onehot(y) (n, V) in the logits' dtype, else None). `in_place` writes the
+    gradient over contiguous logits (the caller's tensor: one (n, V) array instead of two)."""
+    logits = logits.contiguous()
+    loss, grad = _extension().cross_entropy_rows(logits, targets.long().contiguous(), want_grad, in_place)
     return loss, grad if want_grad else None
 
 

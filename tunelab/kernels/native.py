@@ -5,6 +5,13 @@ per machine: the build is cached in torch's extensions folder (`TORCH_EXTENSIONS
 under the home directory) and rebuilt when the source changes. The code is compiled for this CPU
 (`-march=native`), so the cached build's name carries a hash of the CPU's instruction sets: a home
 directory shared between machines never runs a build on a CPU that lacks its instructions.
+
+torch marks a build in progress with a `lock` file in the build's folder and makes every other
+process wait until it is gone. A build killed midway (Ctrl-C, an out-of-memory kill) leaves that file
+behind, and every later run would wait forever. tunelab therefore builds under its own lock
+(`fcntl.flock`, released by the system when its holder dies, `tunelab.disk_cache.locked`): whoever
+holds it is the only tunelab process building that kernel, so a `lock` file found then is stale and
+is removed before torch looks.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import platform
 from pathlib import Path
 from types import ModuleType
 
+from tunelab import disk_cache
 from tunelab.console import note
 
 
@@ -36,6 +44,14 @@ def source_tag(source: Path) -> str:
     return hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
 
 
+def build_folder(build_name: str) -> Path:
+    """The folder torch builds `build_name` in (created): `TORCH_EXTENSIONS_DIR` or torch's default
+    root, then a folder per Python version and accelerator, then the name."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(build_name, verbose=False))
+
+
 def build(name: str, source: Path, fallback: str) -> ModuleType | None:
     """The compiled module of `source` (named `{name}_{cpu_tag()}_{source_tag(source)}`), or None
     where it cannot be built: no compiler, no ninja, an unsupported platform. The reason is printed
@@ -48,7 +64,11 @@ def build(name: str, source: Path, fallback: str) -> ModuleType | None:
         # torch has already loaded, so the kernels use torch's threads.
         flags = ["-O3", native, "-fopenmp"]
         build_name = f"{name}_{cpu_tag()}_{source_tag(source)}"
-        return load(name=build_name, sources=[str(source)], extra_cflags=flags)
+        folder = build_folder(build_name)
+        writable = "set TORCH_EXTENSIONS_DIR to a writable folder"
+        with disk_cache.locked(folder.parent, build_name, "TORCH_EXTENSIONS_DIR", "kernel build", writable):
+            (folder / "lock").unlink(missing_ok=True)  # stale: left by a build killed midway
+            return load(name=build_name, sources=[str(source)], extra_cflags=flags)
     except Exception as error:
         note(f"[tunelab] the native CPU kernel {source.name} could not be built ({error}); {fallback}")
         return None

@@ -1,5 +1,6 @@
 // 16 float32 lanes as GCC/Clang vector types (one AVX-512 register, two AVX2 ones, four NEON ones),
-// shared by tunelab's C++ CPU kernels (cpu_attention.cpp, cpu_fused.cpp).
+// and bfloat16 loads and stores through them, shared by tunelab's C++ CPU kernels (cpu_attention.cpp,
+// cpu_fused.cpp).
 #pragma once
 
 #include <cstdint>
@@ -40,6 +41,69 @@ inline v16 exp16(v16 x) {
   v16 power;
   std::memcpy(&power, &bits, sizeof(power));
   return p * power;
+}
+
+// ---- bfloat16, held as uint16_t bits: widened to float32 exactly, rounded to nearest even ----
+
+inline float from_bf16(uint16_t bits) {
+  const uint32_t word = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+inline uint16_t to_bf16(float value) {
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof(word));
+  if ((word & 0x7fffffffu) > 0x7f800000u) return uint16_t((word >> 16) | 0x40u);  // NaN stays NaN
+  word += 0x7fffu + ((word >> 16) & 1u);  // round to nearest, ties to even
+  return uint16_t(word >> 16);
+}
+
+// Loads, stores and rounds for the two element types.
+struct F32 {
+  using T = float;
+  static float load(const float* p, int64_t i) { return p[i]; }
+  static void store(float* p, int64_t i, float v) { p[i] = v; }
+  static float round(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(const uint16_t* p, int64_t i) { return from_bf16(p[i]); }
+  static void store(uint16_t* p, int64_t i, float v) { p[i] = to_bf16(v); }
+  static float round(float v) { return from_bf16(to_bf16(v)); }
+};
+
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+
+inline v16 load16(const uint16_t* p) {
+  vh16 half;
+  std::memcpy(&half, p, sizeof(half));
+  return (v16)(__builtin_convertvector(half, vu16) << 16);
+}
+
+// The float32 lanes rounded to bfloat16 and back (F32: unchanged), in registers.
+template <typename T>
+inline v16 round16(v16 v);
+
+template <>
+inline v16 round16<float>(v16 v) {
+  return v;
+}
+
+template <>
+inline v16 round16<uint16_t>(v16 v) {
+  const vu16 word = (vu16)v;
+  const vu16 rounded = (word + 0x7fffu + ((word >> 16) & 1u)) & 0xffff0000u;
+  return (v16)((word & 0x7fffffffu) > 0x7f800000u ? (word | 0x00400000u) & 0xffff0000u : rounded);
+}
+
+// The lanes rounded to bfloat16 (round16), their upper halves stored.
+inline void store16(uint16_t* p, v16 v) {
+  const vh16 half = __builtin_convertvector((vu16)round16<uint16_t>(v) >> 16, vh16);
+  std::memcpy(p, &half, sizeof(half));
 }
 
 }  // namespace

@@ -90,7 +90,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)  # (V, H)
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None  # (V, H) float32; zeros first only for float32 products, which add in place
+        if need_w and dtype == torch.float32:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -102,7 +104,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     capped = torch.tanh(z.float() / softcap)  # (n, V)
                     z = softcap * capped
                 if fused_rows:  # the C++ rows: loss and gradient, each row read once (cpu_fused)
-                    losses, g_lp = cpu_fused.cross_entropy_rows(z, y, need_h or need_w or need_b)
+                    losses, g_lp = cpu_fused.cross_entropy_rows(
+                        z, y, need_h or need_w or need_b, in_place=True
+                    )
                     total += losses.sum()
                     if g_lp is None:
                         continue
@@ -125,6 +129,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_h[start : start + chunk_size] = g_lp @ w  # (n, H)
                 if need_w and dtype == torch.float32:
                     grad_w.addmm_(g_lp.t(), h)  # (V, H)
+                elif need_w and start == 0:
+                    grad_w = (g_lp.t() @ h).float()  # (V, H): the first chunk's, widened (0 + x = x)
                 elif need_w:
                     grad_w.add_(g_lp.t() @ h)  # (V, H), widened to float32 as it adds
                 if need_b:
