@@ -8,7 +8,8 @@ A packed row (`tunelab.data.packing.pack_batch`) carries `cu_seq_lens_q/k`, the 
 `cu_seq_lens_*` are the keywords of FlashAttention's varlen kernels, so on a GPU with
 `flash_attention_2` the packed row runs natively. Everywhere else `use_packed_attention(model)`
 switches the model to `tunelab_packed`, registered here, which picks a kernel by device: on CPU
-tunelab's C++ kernel (`tunelab/kernels/cpu_attention.py`, float32, causal within each example), or
+tunelab's C++ kernel (`tunelab/kernels/cpu_attention.py`, computing in float32, reading and
+writing bf16 under bf16 autocast; causal within each example), or
 with `data.native_attention: false` (implementation `tunelab_packed_sdpa`) or where that kernel
 cannot be built, SDPA per example (a loop over B slices, each with `is_causal=True`, in float32;
 `tunelab/kernels/packed_kernels.py`). Both cost sum_i T_i^2 rather than the N^2 of one

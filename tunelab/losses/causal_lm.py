@@ -30,7 +30,8 @@ p_max = exp(z_max - lse) >= 1/V cannot underflow (a separate logsumexp would be 
 over the (n, V) logits, measurably slower forward and backward on CPU). A head that
 `tunelab.kernels.cpu_fused.apply_fused_kernels` marked (`train.fused_kernels` on the CPU) takes the
 loss and dL/dz of each chunk from one C++ pass per row instead (`cross_entropy_rows`: the same
-formulas, each row of logits read from memory once).
+formulas, each row of logits read from memory once), written over the chunk's logits, so one (n, V)
+array lives per chunk instead of two.
 """
 
 from __future__ import annotations
