@@ -77,7 +77,7 @@ void pack_tiles(const typename E::T* src, int64_t c0, int64_t T, int64_t kv_head
   }
 }
 
-// One row of D elements converted between element types (bfloat16 rounded on the way in).
+// One row of D elements converted between element types (rounded to nearest even where written as bfloat16).
 template <int D, typename From, typename To>
 inline void convert_row(const From* src, To* dst) {
   for (int b = 0; b < D / 16; ++b) store16(dst + 16 * b, load16(src + 16 * b));
