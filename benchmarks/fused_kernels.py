@@ -8,9 +8,10 @@ The model, data and step are tunelab's own, from the whole-job benchmark's minim
 autocast, packed rows of 8 real records): `prepare_model`, `prepare_data`, `pack_batch` and the
 chunked loss. Each round runs `--steps` steps with the kernels, then `--steps` without
 (`remove_fused_kernels`), in alternating order; one warm-up step before each timing. `--only loss`
-keeps the norm and MLP kernels on in both and switches only the LM head's cross-entropy rows. One process and alternation keep the comparison fair on
-a noisy machine: a slower minute slows both. Prints the per-round ratio (unfused / fused time), the
-median, and the largest resident set seen with each (the process's RSS after its steps).
+keeps the norm and MLP kernels on in both and switches only the LM head's cross-entropy rows. One
+process and alternation keep the comparison fair on a noisy machine: a slower minute slows both.
+Prints the per-round ratio (unfused / fused time), the median, and the largest resident set seen
+with each (the process's RSS after its steps).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@
 #include <numeric>
 #include <vector>
 
-#include "vector_math.h"  // v16, load16, store16, splat, exp16; F32, BF16
+#include "tensor_data.h"  // data<F32>, data<BF16>
+#include "vector_math.h"  // v16, load16, store16, splat, exp16, max_of, sum_of; F32, BF16
 
 namespace {
 
@@ -140,16 +141,6 @@ inline void probabilities(float* s, int64_t n, int64_t jmax, float lse) {
   for (int64_t j = n; j < std::max(n16, jmax); ++j) s[j] = 0.f;
 }
 
-template <typename E>
-const typename E::T* elements(const torch::Tensor& t) {
-  return reinterpret_cast<const typename E::T*>(t.data_ptr());
-}
-
-template <typename E>
-typename E::T* elements(torch::Tensor& t) {
-  return reinterpret_cast<typename E::T*>(t.data_ptr());
-}
-
 template <int D, typename E>
 std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                      const torch::Tensor& cu, double scale) {
@@ -157,8 +148,8 @@ std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor
   auto out = torch::empty_like(q);
   auto lse = torch::empty({H, N}, q.options().dtype(torch::kFloat32));
   const Examples ex = examples_of(cu, Hkv);
-  const typename E::T *qp = elements<E>(q), *kp = elements<E>(k), *vp = elements<E>(v);
-  typename E::T* op = elements<E>(out);
+  const typename E::T *qp = data<E>(q), *kp = data<E>(k), *vp = data<E>(v);
+  typename E::T* op = data<E>(out);
   float* lp = lse.data_ptr<float>();
   const float sc = (float)scale;
   for_each_task(ex, [&](int64_t task) {
@@ -193,13 +184,11 @@ std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor
             const v16 x = load16(row + j);
             mv = x > mv ? x : mv;
           }
-          float m = mv[0];
-          for (int t = 1; t < 16; ++t) m = std::max(m, mv[t]);
+          const float m = max_of(mv);
           probabilities(row, n, jmax, m);
           v16 lv = v16{};
           for (int64_t j = 0; j < n16; j += 16) lv += load16(row + j);
-          float l = 0.f;
-          for (int t = 0; t < 16; ++t) l += lv[t];
+          const float l = sum_of(lv);
           const v16 inv = splat(1.f / l);
           for (int64_t j = 0; j < n16; j += 16) store16(row + j, load16(row + j) * inv);
           lp[h * N + c0 + i0 + r] = m + std::log(l);
@@ -221,10 +210,10 @@ std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tenso
   const int64_t N = q.size(0), H = q.size(1), Hkv = k.size(1), G = H / Hkv;
   auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
   const Examples ex = examples_of(cu, Hkv);
-  const typename E::T *qp = elements<E>(q), *kp = elements<E>(k), *vp = elements<E>(v);
-  const typename E::T *opp = elements<E>(out), *gp = elements<E>(grad_out);
+  const typename E::T *qp = data<E>(q), *kp = data<E>(k), *vp = data<E>(v);
+  const typename E::T *opp = data<E>(out), *gp = data<E>(grad_out);
   const float* lp = lse.data_ptr<float>();
-  typename E::T *dqp = elements<E>(dq), *dkp = elements<E>(dk), *dvp = elements<E>(dv);
+  typename E::T *dqp = data<E>(dq), *dkp = data<E>(dk), *dvp = data<E>(dv);
   const float sc = (float)scale;
   for_each_task(ex, [&](int64_t task) {
     const int64_t e = task / Hkv, kvh = task % Hkv, c0 = ex.start[e], T = ex.start[e + 1] - c0;
@@ -253,9 +242,7 @@ std::vector<torch::Tensor> backward_d(const torch::Tensor& q, const torch::Tenso
             store16(&go[r][16 * b], g);
             dot += g * load16(opp + at + 16 * b);
           }
-          float sum = 0.f;
-          for (int t = 0; t < 16; ++t) sum += dot[t];
-          delta[r] = sum;  // rowsum(dO * O)
+          delta[r] = sum_of(dot);  // rowsum(dO * O)
         }
         rows_times_keys<D>(qs, k_tiles.data(), jmax, Tp, p.data());  // S
         rows_times_keys<D>(go, v_tiles.data(), jmax, Tp, dp.data());  // dP = dO V^T

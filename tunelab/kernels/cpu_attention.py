@@ -85,17 +85,20 @@ class _PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu = ctx.saved_tensors
-        grad = grad_out.to(q.dtype).contiguous()  # (N, H, D)
+        grad = grad_out.contiguous()  # (N, H, D), in out's dtype
         dq, dk, dv = _extension().backward(q, k, v, out, grad, lse, cu, ctx.scale)
         return dq, dk, dv, None, None
 
 
+def autocast_bf16() -> bool:
+    """Whether CPU autocast to bf16 is on: PyTorch's SDPA, an autocast op, would take q, k, v in bf16."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def kernel_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
-    """The element type the kernel reads and writes: bf16 under CPU autocast to bf16 (where PyTorch's
-    SDPA, an autocast op, would cast q, k, v to bf16 too) or when q, k and v are all bf16; float32
-    otherwise (the inputs widened)."""
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if autocast_bf16 or query.dtype == key.dtype == value.dtype == torch.bfloat16:
+    """The element type the kernel reads and writes: bf16 under CPU autocast to bf16
+    (`autocast_bf16`) or when q, k and v are all bf16; float32 otherwise (the inputs widened)."""
+    if autocast_bf16() or query.dtype == key.dtype == value.dtype == torch.bfloat16:
         return torch.bfloat16
     return torch.float32
 
@@ -130,5 +133,4 @@ def packed_native(query, key, value, cu, scale: float | None) -> torch.Tensor:
     # (N, heads, D); transformers' q, k, v are transposed views of (N, heads, D) rows: no copy
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
     out = _PackedCausalAttention.apply(q, k, v, cu.to(torch.int64), scale)
-    autocast = torch.is_autocast_enabled("cpu") and dtype == torch.bfloat16
-    return (out if autocast else out.to(query.dtype)).unsqueeze(0)
+    return (out if autocast_bf16() else out.to(query.dtype)).unsqueeze(0)

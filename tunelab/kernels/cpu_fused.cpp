@@ -16,7 +16,8 @@
 #include <cstring>
 #include <vector>
 
-#include "vector_math.h"  // v16, load16, store16, splat, exp16; bfloat16: F32, BF16, round16
+#include "tensor_data.h"  // data<F32>, data<BF16>
+#include "vector_math.h"  // v16, load16, store16, splat, exp16, max_of, sum_of; bfloat16: F32, BF16, round16
 
 namespace {
 
@@ -90,16 +91,6 @@ void check_float(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, "cpu_fused: ", name,
               " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "cpu_fused: ", name, " must be contiguous");
-}
-
-template <typename S>
-typename S::T* data(torch::Tensor& t) {
-  return reinterpret_cast<typename S::T*>(t.data_ptr());
-}
-
-template <typename S>
-const typename S::T* data(const torch::Tensor& t) {
-  return reinterpret_cast<const typename S::T*>(t.data_ptr());
 }
 
 std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch::Tensor& w, double eps) {
@@ -258,18 +249,6 @@ std::vector<torch::Tensor> swiglu_backward(const torch::Tensor& grad, const torc
 // with `want_grad`, g = softmax(z) - onehot(y) (n, V) in z's dtype. Per row, in float32: the max m,
 // s = sum exp(z - m) (exp16), lse = m + log s; g = exp(z - m) / s, minus 1 at y, rounded once. A row
 // is read three times, but at V x 2 bytes (96 KB for 49,152 tokens) it is in cache after the first.
-
-inline float max_of(v16 v) {
-  float m = v[0];
-  for (int k = 1; k < 16; ++k) m = std::max(m, v[k]);
-  return m;
-}
-
-inline float sum_of(v16 v) {
-  float total = 0.f;
-  for (int k = 0; k < 16; ++k) total += v[k];
-  return total;
-}
 
 inline float exp1(float x) { return exp16(splat(x))[0]; }  // the same exponential, one lane
 

@@ -3,6 +3,7 @@
 // cpu_fused.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -20,6 +21,19 @@ inline v16 load16(const float* p) {
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v16 splat(float x) { return v16{} + x; }
+
+// The largest of the 16 lanes, and their sum (lane 0 first, then 1, ...).
+inline float max_of(v16 v) {
+  float m = v[0];
+  for (int k = 1; k < 16; ++k) m = std::max(m, v[k]);
+  return m;
+}
+
+inline float sum_of(v16 v) {
+  float total = 0.f;
+  for (int k = 0; k < 16; ++k) total += v[k];
+  return total;
+}
 
 // exp(x) for x <= 0: 2^y with y = x log2(e), split as 2^n 2^f (n = floor(y + 1/2), |f| <= 1/2),
 // 2^f by its degree-6 Taylor polynomial (relative error below 2e-7), 2^n by the exponent bits.

@@ -91,9 +91,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)  # (V, H)
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = None  # (V, H) float32; zeros first only for float32 products, which add in place
-        if need_w and dtype == torch.float32:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = None  # (V, H) float32, from the first chunk on
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -128,10 +126,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     g_lp = g.to(dtype)  # (n, V)
                 if need_h:
                     grad_h[start : start + chunk_size] = g_lp @ w  # (n, H)
-                if need_w and dtype == torch.float32:
-                    grad_w.addmm_(g_lp.t(), h)  # (V, H)
-                elif need_w and start == 0:
+                if need_w and grad_w is None:
                     grad_w = (g_lp.t() @ h).float()  # (V, H): the first chunk's, widened (0 + x = x)
+                elif need_w and dtype == torch.float32:
+                    grad_w.addmm_(g_lp.t(), h)  # (V, H)
                 elif need_w:
                     grad_w.add_(g_lp.t() @ h)  # (V, H), widened to float32 as it adds
                 if need_b:
