@@ -5,8 +5,12 @@ Peak memory is measured in a subprocess: its peak RSS (VmHWM) is reset after the
 the requested dtype and t the largest tensor stored in the checkpoint:
 
     bf16 checkpoint -> bf16:   peak <= 1.2 W   (transformers maps the file; nothing is copied)
-    fp32 checkpoint -> bf16:   peak <= W + 2 t  (cast tensor by tensor; before: the whole float32
-                                                 file resident plus the cast copy, 3 W)
+    fp32 checkpoint -> bf16:   peak <= W + 3 t  (cast tensor by tensor; before: the whole float32
+                                                 file resident plus the cast copy, 3 W = W + 8 t)
+
+The cast itself needs W + 1.5 t (one float32 tensor and its bf16 copy); the rest of the allowance is
+glibc's: it keeps freed blocks of a few MB on its heap rather than unmapping them, so the peak RSS
+runs 1.3-2.0 t above W from run to run (a clean-clone CI run once saw 2.01 t).
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def test_bf16_checkpoint_loads_as_bf16_within_1_2x_its_weights(checkpoints):
 def test_fp32_checkpoint_loads_as_bf16_one_tensor_at_a_time(checkpoints):
     result = measure(checkpoints["fp32"], "bfloat16")
     largest_fp32 = 4 * checkpoints["largest"]
-    assert result["peak"] <= result["weights"] + 2 * largest_fp32, result
+    assert result["peak"] <= result["weights"] + 3 * largest_fp32, result
 
 
 def test_cast_load_gives_what_from_pretrained_gives(checkpoints, tmp_path):
