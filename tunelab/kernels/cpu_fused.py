@@ -85,6 +85,7 @@ class _RMSNorm(torch.autograd.Function):
         x = x.contiguous()
         y, rstd = _extension().rms_norm_forward(x, weight, eps)  # (..., H), (rows,)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps  # for `rms_norm_values` (tunelab.training.saved_tensors)
         return y
 
     @staticmethod
@@ -123,6 +124,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (same shape and dtype), rounded where transformers' MLP rounds."""
     return _SwiGLU.apply(gate, up)
+
+
+def rms_norm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm of the contiguous x that `_RMSNorm` saved, outside autograd: the same bits as its
+    forward (`tunelab.training.saved_tensors` rebuilds the output for backward with it)."""
+    return _extension().rms_norm_forward(x, weight, eps)[0]
+
+
+def swiglu_values(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from the contiguous tensors `_SwiGLU` saved, outside autograd: the same bits
+    as its forward (`tunelab.training.saved_tensors` rebuilds the output for backward with it)."""
+    return _extension().swiglu_forward(gate, up)
 
 
 def takes_loss(head: nn.Module, dtype: torch.dtype, softcap: float | None) -> bool:

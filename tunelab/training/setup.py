@@ -29,6 +29,7 @@ from tunelab.trained import StartingPoint, adapter_base, resolve_model_dir, star
 from tunelab.training import distributed, sharded_load
 from tunelab.training.checkpoint import written
 from tunelab.training.distributed import Parallel
+from tunelab.training.saved_tensors import lean_autocast
 
 
 @dataclass
@@ -54,12 +55,15 @@ class Run:
     """Where the model started: a base model, or an earlier run (`tunelab.trained`)."""
 
     def autocast(self):
-        """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32)."""
+        """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32). Uncompiled,
+        the pass saves no bf16 copy that backward can rebuild exactly (`lean_autocast`)."""
         precision = self.config.train.precision
         if precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        if self.config.train.compile:
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return lean_autocast(self.device.type, dtype)
 
     @property
     def global_batch(self) -> int:
