@@ -14,13 +14,14 @@ from tunelab.config import RunConfig, load_config
 
 def train(config: RunConfig | str) -> dict:
     """Run the config's objective (sft, reward, dpo, ppo, grpo); returns the run summary."""
-    from tunelab.allocator import bound_shape_caches, return_freed_memory
+    from tunelab.allocator import bound_shape_caches, return_freed_memory, threshold_for
     from tunelab.objectives import get_objective
 
-    return_freed_memory()  # freed activations go back to the system, not to glibc's heap
     bound_shape_caches()  # oneDNN keeps no more than 16 primitives per cache as row lengths change
     if not isinstance(config, RunConfig):
         config = load_config(config)
+    # Freed activations go back to the system, not to glibc's heap; sooner when all weights train.
+    return_freed_memory(threshold_for(config.method.name))
     return get_objective(config.objective.name).run(config)
 
 

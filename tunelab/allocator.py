@@ -17,6 +17,15 @@ mmapped block costs an `mmap`/`munmap` and its first-touch page faults, and at 1
 LoRA step of that workload 1.6x slower (1,025 against 1,640 tokens/s, two alternating rounds of 16
 steps on a quiet machine, `benchmarks.run_tunelab --method lora --steps 16`), for 110 MB less peak.
 At 8 MiB: 1,640 tokens/s, peak 1,023 MB; glibc's dynamic default: 1,510 tokens/s, 1,042 MB.
+
+Full fine-tuning takes 2 MiB (`threshold_for`). Its per-layer tensors of 2-8 MiB (float32 residual
+rows, weight gradients, gate and up rows) freed on the heap leave holes that the next, differently
+sized ones do not fit, and memory is what full fine-tuning runs out of: float32 weights, gradients
+and AdamW states come first. Whole 26-step jobs on SmolLM2-135M (full, the `benchmarks.defaults`
+config): peak 3,868 MB in 172 s at 8 MiB, 3,486 MB in 165 s at 2 MiB (1 MiB: 3,247 MB, but 233 s);
+the 31.6M workload's full job: 1,237/1,249 MB in 84/86 s at 8 MiB, 1,156/1,178 MB in 84/89 s at
+2 MiB. LoRA keeps 8 MiB: its whole workload job was 4-6% slower at 2 MiB (60/65 s against 57/61 s)
+for 1-4% less memory.
 """
 
 from __future__ import annotations
@@ -28,12 +37,18 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 MMAP_THRESHOLD_BYTES = 8 << 20
+FULL_TRAINING_THRESHOLD_BYTES = 2 << 20
 
 
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold at 8 MiB (see the module docstring), once per process. Leaves it
-    alone off Linux/glibc and when the user chose one (`MALLOC_MMAP_THRESHOLD_` in the environment,
-    which glibc reads at start-up). Returns whether the threshold is set by this call."""
+def threshold_for(method: str) -> int:
+    """The mmap threshold for a run of `method` (module docstring): 2 MiB for `full`, else 8 MiB."""
+    return FULL_TRAINING_THRESHOLD_BYTES if method == "full" else MMAP_THRESHOLD_BYTES
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes (see the module docstring). Leaves it alone
+    off Linux/glibc and when the user chose one (`MALLOC_MMAP_THRESHOLD_` in the environment, which
+    glibc reads at start-up). Returns whether the threshold is set by this call."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     name = ctypes.util.find_library("c")
@@ -42,7 +57,7 @@ def return_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):  # no libc found, or a libc without mallopt (musl)
         return False
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    return mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 SHAPE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")

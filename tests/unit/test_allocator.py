@@ -68,3 +68,38 @@ def test_train_bounds_onednn_shape_caches_unless_the_user_chose(monkeypatch, tmp
         tunelab.train(str(tmp_path / "missing.yaml"))
     assert os.environ[SHAPE_CACHES[0]] == "16"
     assert os.environ[SHAPE_CACHES[1]] == "64"
+
+
+HOLE_PROBE = """
+import sys
+import torch
+from tunelab.allocator import return_freed_memory, threshold_for
+assert return_freed_memory(threshold_for(sys.argv[1]))
+
+
+def rss_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+
+block = torch.ones(1 << 20)  # 4 MiB, below 8 MiB, above 2 MiB
+pin = torch.ones(1 << 16)  # 256 KiB after it: the 4 MiB would be a hole, not the heap's top
+held = rss_mib()
+del block
+print(held - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_full_fine_tuning_returns_4_mib_blocks_lora_keeps_them():
+    """`threshold_for`: 2 MiB for `full` (its freed 4 MiB gradient-sized blocks leave the process),
+    8 MiB for the others (such a block stays on the heap for the next one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    returned = {}
+    for method in ("full", "lora"):
+        proc = subprocess.run(
+            [sys.executable, "-c", HOLE_PROBE, method], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        returned[method] = float(proc.stdout.strip().splitlines()[-1])
+    assert returned["full"] >= 3.5
+    assert returned["lora"] < 1
