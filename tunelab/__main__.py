@@ -1,7 +1,5 @@
 """`python -m tunelab ...` is the same as `tunelab ...`."""
 
-import sys
+from tunelab.cli import console
 
-from tunelab.cli import main
-
-sys.exit(main())
+console()

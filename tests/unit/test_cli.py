@@ -112,3 +112,19 @@ def test_train_options_may_follow_the_overrides():
         args = parse_args(parser, argv)
         assert (args.command, args.config, args.resume) == ("train", "run.yaml", True)
         assert args.overrides == ["method.r=8", "train.lr=1"]
+
+
+def test_the_command_exits_as_a_normal_exit_would_less_the_teardown():
+    """`exit_now`: the exit status, a non-daemon thread waited for, the atexit functions run and
+    unflushed output written, as `sys.exit` would; then `os._exit`."""
+    code = (
+        "import atexit, threading, time\n"
+        "from tunelab.cli import exit_now\n"
+        "atexit.register(lambda: print('atexit ran', end=''))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+        "print('unflushed ', end='')\n"
+        "exit_now(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout == "unflushed thread done\natexit ran"
