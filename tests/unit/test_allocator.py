@@ -13,18 +13,21 @@ import sys
 
 import pytest
 
-PROBE = """
+RSS_MIB = """
+def rss_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+"""
+
+PROBE = (
+    """
 import sys
 import torch
 if sys.argv[1] == "fixed":
     from tunelab.allocator import return_freed_memory
     assert return_freed_memory()
-
-
-def rss_mib():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-
-
+"""
+    + RSS_MIB
+    + """
 block = torch.ones(4 << 20)  # 16 MiB
 del block  # the dynamic threshold rises past 16 MiB here
 block = torch.ones(4 << 20)
@@ -32,11 +35,13 @@ held = rss_mib()
 del block
 print(held - rss_mib())
 """
+)
 
 
-def returned_mib(mode: str) -> float:
+def returned_mib(mode: str, probe: str = PROBE) -> float:
+    """MiB the probe's freed block gave back, run in a fresh process without MALLOC_ settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -70,36 +75,28 @@ def test_train_bounds_onednn_shape_caches_unless_the_user_chose(monkeypatch, tmp
     assert os.environ[SHAPE_CACHES[1]] == "64"
 
 
-HOLE_PROBE = """
+HOLE_PROBE = (
+    """
 import sys
 import torch
 from tunelab.allocator import return_freed_memory, threshold_for
 assert return_freed_memory(threshold_for(sys.argv[1]))
-
-
-def rss_mib():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-
-
+"""
+    + RSS_MIB
+    + """
 block = torch.ones(1 << 20)  # 4 MiB, below 8 MiB, above 2 MiB
 pin = torch.ones(1 << 16)  # 256 KiB after it: the 4 MiB would be a hole, not the heap's top
 held = rss_mib()
 del block
 print(held - rss_mib())
 """
+)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_full_fine_tuning_returns_4_mib_blocks_lora_keeps_them():
     """`threshold_for`: 2 MiB for `full` (its freed 4 MiB gradient-sized blocks leave the process),
     8 MiB for the others (such a block stays on the heap for the next one)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    returned = {}
-    for method in ("full", "lora"):
-        proc = subprocess.run(
-            [sys.executable, "-c", HOLE_PROBE, method], capture_output=True, text=True, env=env
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        returned[method] = float(proc.stdout.strip().splitlines()[-1])
+    returned = {method: returned_mib(method, HOLE_PROBE) for method in ("full", "lora")}
     assert returned["full"] >= 3.5
     assert returned["lora"] < 1

@@ -65,8 +65,8 @@ def test_lean_saving_gives_the_same_loss_and_gradients_bit_for_bit(arch, fused, 
         assert torch.equal(grads_lean[name], grad), name
 
 
-def stored(model, batch, lean: bool) -> list[tuple[str, torch.dtype, tuple]]:
-    """(what made it, dtype, shape) of every distinct storage kept for backward."""
+def stored(model, batch, lean: bool) -> list[tuple[str, torch.dtype, tuple, torch.Tensor]]:
+    """(what made it, dtype, shape, the tensor) of every distinct storage kept for backward."""
     lean_saving = LeanSaving()
     kept, seen = [], set()
 

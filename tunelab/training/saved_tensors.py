@@ -38,6 +38,8 @@ import contextlib
 
 import torch
 
+from tunelab.kernels import cpu_fused
+
 CAST_NODE = "ToCopyBackward0"
 SWIGLU_NODE = "_SwiGLUBackward"
 NORM_NODE = "_RMSNormBackward"
@@ -96,15 +98,11 @@ class LeanSaving:
             return weight.detach().to(dtype).as_strided(size, stride, offset)
         if kind == "norm":
             x, weight, eps, dtype, size, stride, offset = rest
-            from tunelab.kernels import cpu_fused
-
             return cpu_fused.rms_norm_values(x, weight, eps).to(dtype).as_strided(size, stride, offset)
         if kind == "alias":
             first, size, stride, offset = rest
             return first.as_strided(size, stride, offset)
-        gate, up, size, stride, offset = rest
-        from tunelab.kernels import cpu_fused
-
+        gate, up, size, stride, offset = rest  # "swiglu"
         return cpu_fused.swiglu_values(gate, up).as_strided(size, stride, offset)
 
 
