@@ -3,6 +3,7 @@
     python -m benchmarks.defaults                          # the 31.6M workload and SmolLM2-135M
     python -m benchmarks.defaults --suite workload --repeats 3 --json defaults.json
     python -m benchmarks.defaults --tunelab-args "data.packing=false model.dtype=float32 train.precision=fp32"
+    python -m benchmarks.defaults --trl-args=--fp32     # TRL in float32: on a CPU that emulates bf16
 
 Each run is one process, timed from its start to its exit (imports, loading, data, training,
 saving) with the peak RSS of its process tree (`benchmarks.job`):
@@ -137,7 +138,9 @@ def minimal_yaml(case: Case, data: Prepared, output_dir: Path, max_steps: int | 
     )
 
 
-def commands(case: Case, data: Prepared, out: Path, max_steps: int | None, extra: list[str]) -> dict:
+def commands(
+    case: Case, data: Prepared, out: Path, max_steps: int | None, extra: list[str], trl_extra: list[str] = ()
+) -> dict:
     """trainer -> the command of its whole job (tunelab's config is written into `out` now)."""
     out.mkdir(parents=True, exist_ok=True)
     config = out / "minimal.yaml"
@@ -148,7 +151,7 @@ def commands(case: Case, data: Prepared, out: Path, max_steps: int | None, extra
     trl += ["--batch-size", "8", "--max-length", "512"]
     if max_steps:
         trl += ["--max-steps", str(max_steps)]
-    return {"tunelab": [tunelab_cli, "train", str(config), *extra], "trl": trl}
+    return {"tunelab": [tunelab_cli, "train", str(config), *extra], "trl": [*trl, *trl_extra]}
 
 
 def evaluate(trainer: str, out: Path, data: Prepared, env: dict) -> float:
@@ -181,7 +184,7 @@ def run_case(case: Case, data: Prepared, args, repeat: int, extra: list[str]) ->
     """Both trainers on `case` (order alternating with `repeat`), each timed, then evaluated."""
     out = Path(args.cache) / "defaults" / "runs" / case.name.replace(" ", "-")
     max_steps = args.steps or case.max_steps
-    cmds = commands(case, data, out, max_steps, extra)
+    cmds = commands(case, data, out, max_steps, extra, shlex.split(args.trl_args))
     order = ["trl", "tunelab"] if repeat % 2 == 0 else ["tunelab", "trl"]
     results = []
     for trainer in order:
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated case names (e.g. 'workload lora')")
     parser.add_argument("--trainers", default="tunelab,trl", help="comma-separated: tunelab, trl")
     parser.add_argument("--tunelab-args", default="", help="overrides added to tunelab's command line")
+    parser.add_argument("--trl-args", default="", help="options added to benchmarks.trl_job (e.g. --fp32)")
     parser.add_argument("--cold", action="store_true", help="fresh token/GGUF/datasets caches for every run")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out loss")
     parser.add_argument("--cache", default="benchmarks/.cache")
@@ -281,7 +285,7 @@ def main() -> None:
     prepared = {m: prepare(args.cache, m, args.records, args.eval_records) for m in {c.model for c in cases}}
     load = os.getloadavg()
     print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; cpus: {os.cpu_count()}")
-    print(f"tunelab extra overrides: {extra or 'none'}")
+    print(f"tunelab extra overrides: {extra or 'none'}; TRL extra options: {args.trl_args or 'none'}")
     print(HEADER, flush=True)
     results: list[dict] = []
     for repeat in range(args.repeats):

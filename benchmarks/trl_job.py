@@ -7,7 +7,7 @@
 workload fixes is set (batch, epochs or steps, lr, max length; LoRA r and alpha so the adapter is
 tunelab's: alpha 16, q_proj and v_proj, no dropout); everything else is TRL's default: the model
 loaded from its path in float32 (`model_init_kwargs` default) under bf16 autocast (`bf16=True`,
-TRL's default), gradient checkpointing on, loss on completions only, a linear schedule. The job
+TRL's default; `--fp32` turns it off), gradient checkpointing on, loss on completions only, a linear schedule. The job
 ends as a user's does: `trainer.save_model(OUT)` (the PEFT adapter, or the full model). The
 seconds of `trainer.train()` alone are printed as `TRAIN_LOOP_SECONDS s` (the loop's share).
 
@@ -39,6 +39,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: the epochs decide")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="bf16=False: float32 training, TRL's fastest setting on a CPU that emulates bf16 (AVX2)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -70,6 +75,7 @@ def main() -> None:
         learning_rate=args.lr,
         max_length=args.max_length,
         use_cpu=not torch.cuda.is_available(),  # TRL asks for it on a CPU-only machine (bf16 check)
+        **({"bf16": False} if args.fp32 else {}),
         report_to=[],
     )
     trainer = SFTTrainer(

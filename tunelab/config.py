@@ -166,9 +166,11 @@ class DataConfig:
     """Pack several examples into each row (padding-free), with attention that cannot cross examples.
     `auto`: on for SFT with every method but prefix (which pads, saying so); off for the objectives
     that pad (reward, dpo, kto, ppo, grpo)."""
-    native_attention: bool = True
+    native_attention: bool | Literal["auto"] = "auto"
     """With packing on CPU, attend through tunelab's C++ kernel (float32, built at first use; SDPA
-    where it cannot be built). False keeps PyTorch's SDPA, one call per example."""
+    where it cannot be built). False keeps PyTorch's SDPA, one call per example. `auto`: the kernel on
+    a CPU with AVX-512 (its 16-lane vectors are one register there), SDPA elsewhere (on AVX2 the
+    kernel measured 8x slower than SDPA)."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding); order stays seeded and resumable."""
     chat_template: str | None = None

@@ -2,8 +2,9 @@
 resolves to for each method x objective, with bf16 hardware and without, the one-line notes and
 fallbacks, and that an explicit value always wins.
 
-The hardware probe `bf16_native` is monkeypatched in every test of `auto`: the figures must not
-depend on the machine the tests run on (this one's CPU has AVX-512 BF16, a CI runner may not).
+The hardware probes `bf16_native` and `wide_vectors` are monkeypatched in every test of `auto`: the
+figures must not depend on the machine the tests run on (one CPU here had AVX-512 BF16, another
+only AVX2; a CI runner may have either).
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ OBJECTIVE_OPTIONS = {
 
 @pytest.fixture
 def native(monkeypatch):
-    """Set what the hardware probe answers: `native(True)` or `native(False)`."""
+    """Set what the hardware probes answer: `native(True)` (bf16 and AVX-512: a CPU with AVX-512 BF16)
+    or `native(False)` (neither); `wide=` sets the vector probe apart."""
 
-    def set_native(answer: bool):
+    def set_native(answer: bool, wide: bool | None = None):
         reason = "probe says bf16" if answer else "probe says no bf16"
         monkeypatch.setattr(defaults, "bf16_native", lambda device_type: (answer, reason))
+        wide = answer if wide is None else wide
+        vectors = "probe says AVX-512" if wide else "probe says AVX2"
+        monkeypatch.setattr(defaults, "wide_vectors", lambda device_type: (wide, vectors))
 
     return set_native
 
@@ -67,7 +72,14 @@ def test_a_minimal_config_resolves_to_the_fast_path(native, method, objective, b
         assert (config.model.dtype, config.train.precision) == ("float32", "fp32")
     assert config.data.packing is (objective == "sft" and method != "prefix")
     assert config.train.fused_kernels is bf16  # a CPU run (no CUDA here) in bf16
-    assert config.auto_keys == ["model.dtype", "train.precision", "data.packing", "train.fused_kernels"]
+    assert config.data.native_attention is bf16  # the probes say AVX-512 with bf16, AVX2 without
+    assert config.auto_keys == [
+        "model.dtype",
+        "train.precision",
+        "data.packing",
+        "data.native_attention",
+        "train.fused_kernels",
+    ]
     # The run's config.yaml holds the concrete values and none of the bookkeeping.
     plain = config.to_dict()
     assert "auto" not in (plain["model"]["dtype"], plain["train"]["precision"], plain["data"]["packing"])
@@ -79,7 +91,8 @@ def test_the_notes_say_what_auto_became_and_why(native):
     native(True)
     assert minimal("lora").default_notes == [
         "[tunelab] defaults: model.dtype auto -> bfloat16, train.precision auto -> bf16 (probe says bf16), "
-        "data.packing auto -> true, train.fused_kernels auto -> true"
+        "data.packing auto -> true, data.native_attention auto -> true (probe says AVX-512), "
+        "train.fused_kernels auto -> true"
     ]
     (line,) = minimal("full").default_notes
     assert "model.dtype auto -> float32, train.precision auto -> bf16 (probe says bf16; method full" in line
@@ -107,8 +120,9 @@ def test_explicit_values_win(native):
     pinned = minimal(model={"dtype": "float32"}, train={"precision": "fp32"}, data={"packing": False})
     assert (pinned.model.dtype, pinned.train.precision, pinned.data.packing) == ("float32", "fp32", False)
     assert pinned.default_notes == [] and pinned.auto_keys == [
-        "train.fused_kernels"
-    ]  # off for fp32, silently
+        "data.native_attention",
+        "train.fused_kernels",
+    ]  # without packing, the attention kernel is moot; fused kernels off for fp32: both silent
     assert pinned.train.fused_kernels is False
     # One explicit, the other `auto`: `auto` follows the explicit one.
     assert minimal(train={"precision": "fp32"}).model.dtype == "float32"
@@ -144,6 +158,42 @@ def test_fused_kernels_are_on_for_cpu_bf16_runs_only(native, monkeypatch):
     assert minimal().train.fused_kernels is False  # the kernels are CPU code
 
 
+def test_the_attention_kernel_is_taken_with_avx512_only(native, monkeypatch):
+    """`data.native_attention: auto`: the C++ kernel with 512-bit vectors, SDPA per example elsewhere,
+    said in the defaults line when the run packs on the CPU; an explicit value wins."""
+    native(False, wide=True)  # AVX-512 without bf16 (Skylake-X): float32, the kernel
+    config = minimal()
+    assert config.data.native_attention is True
+    assert "data.native_attention auto -> true (probe says AVX-512)" in config.default_notes[0]
+    native(True, wide=False)
+    config = minimal()
+    assert config.data.native_attention is False
+    assert "data.native_attention auto -> false (probe says AVX2)" in config.default_notes[0]
+    assert minimal(data={"native_attention": True}).data.native_attention is True  # explicit wins
+    notes = minimal("lora", "dpo").default_notes  # no packing: nothing to say about its kernel
+    assert not any("native_attention" in line for line in notes)
+    monkeypatch.setattr(defaults, "device_type", lambda device: "cuda")
+    config = minimal()
+    assert config.data.native_attention is True  # moot on a GPU: packed attention never takes it there
+    assert not any("native_attention" in line for line in config.default_notes)
+
+
+def test_bf16_by_name_on_a_cpu_without_it_warns_in_one_line(native, monkeypatch):
+    """bf16 asked for on a CPU that emulates it: a warning naming the keys; none where auto chose,
+    where the CPU computes bf16, or on a GPU (its own probe)."""
+    native(False)
+    (warning,) = [n for n in minimal(train={"precision": "bf16"}).default_notes if "warning" in n]
+    assert warning.startswith("[tunelab] warning: train.precision asks for bf16, but this probe says no bf16")
+    both = minimal(model={"dtype": "bfloat16"}, train={"precision": "bf16"}).default_notes[-1]
+    assert "train.precision and model.dtype ask for bf16" in both and "\n" not in both
+    assert not any("warning" in n for n in minimal().default_notes)  # auto: float32, nothing to say
+    native(True)
+    assert not any("warning" in n for n in minimal(train={"precision": "bf16"}).default_notes)
+    native(False)
+    monkeypatch.setattr(defaults, "device_type", lambda device: "cuda")
+    assert not any("warning" in n for n in minimal(train={"precision": "bf16"}).default_notes)
+
+
 def test_a_quantised_base_keeps_its_rules(native):
     native(True)
     config = minimal("lora", model={"quantization": {"bits": 4}})
@@ -172,6 +222,21 @@ def test_the_hardware_probe(monkeypatch):
     assert defaults.bf16_native("cuda") == (False, "GPU X does not compute bf16")
     assert defaults.device_type("auto") == "cuda" and defaults.device_type("cuda:1") == "cuda"
     assert defaults.bf16_native("mps")[0] is False
+
+
+def test_the_vector_probe(monkeypatch):
+    """AVX-512 (its foundation, `avx512_f`) is wide; AVX2 or anything else is not, and says what it has."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
+    assert defaults.wide_vectors("cpu") == (True, "CPU has AVX-512")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": False, "avx2": True})
+    assert defaults.wide_vectors("cpu") == (
+        False,
+        "CPU has AVX2, not AVX-512: SDPA per example is faster here",
+    )
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "NO AVX")
+    assert defaults.wide_vectors("cpu")[1].startswith("CPU has NO AVX, not AVX-512")
+    assert defaults.wide_vectors("cuda")[0] is False
 
 
 def test_the_run_prints_the_defaults_line(native, llama_dir, tmp_path, capsys):
