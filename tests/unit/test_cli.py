@@ -31,6 +31,21 @@ def test_python_m_tunelab_help_lists_every_command():
         assert name in result.stdout
 
 
+def test_building_the_parser_imports_neither_torch_nor_transformers():
+    """`tunelab --help` answers at once: no command's options need torch or transformers (importing
+    them took 8 s on a slow machine). The dtype names the options offer are the loader's."""
+    probe = (
+        "import sys; from tunelab.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    from tunelab.commands.arguments import DTYPE_NAMES
+    from tunelab.models import DTYPES
+
+    assert DTYPE_NAMES == tuple(DTYPES)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from tunelab.models import DTYPES
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtypes a command loads or saves weights in: `tunelab.models.DTYPES`'s names, written out here
+so that building the parser imports neither torch nor transformers (`tunelab --help` at once)."""
 
 TRAINED_PATH_HELP = "run folder, model folder, adapter folder or hub id"
 
 
 def add_load_options(parser: argparse.ArgumentParser) -> None:
     """--dtype and --device of the model a command loads (`tunelab.models.load_model`)."""
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 

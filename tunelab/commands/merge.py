@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunelab.models import DTYPES
+from tunelab.commands.arguments import DTYPE_NAMES
 
 HELP = "merge a LoRA adapter into its base model and save a standalone Hugging Face model"
 DESCRIPTION = (
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a run folder (its final/ is used) or a LoRA adapter folder")
     parser.add_argument("--out", required=True, help="folder to write the merged model to")
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="dtype of the saved weights (default: the base's)"
+        "--dtype", choices=list(DTYPE_NAMES), help="dtype of the saved weights (default: the base's)"
     )
 
 
