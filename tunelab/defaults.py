@@ -34,8 +34,8 @@ roundings of transformers' modules. Float32 runs keep transformers' own chain of
 
 Packed attention on CPU. `data.native_attention: auto` takes tunelab's C++ kernel
 (`tunelab.kernels.cpu_attention`) on a CPU with AVX-512 (`wide_vectors`): its arithmetic runs on
-vectors of 16 float32 lanes, one register there. Compiled for AVX2 (two registers a vector, 16 of
-them), the same code keeps its accumulators on the stack: on a Zen 3 EPYC, one layer's attention over
+vectors of 16 float32 lanes, one register there. AVX2 has 16 registers of 8 lanes, each vector takes
+two, and the same code compiled for it keeps its accumulators on the stack: on a Zen 3 EPYC, one layer's attention over
 a packed row of 1,464 tokens took 89 ms forward and 187 ms backward against 11 and 23 ms for SDPA per
 example. So `auto` is the kernel with AVX-512 and SDPA per example elsewhere (other instruction sets
 and other devices; on CUDA the option has no effect). Both compute the same attention in float32.
@@ -221,7 +221,8 @@ def emulated_bf16(config: RunConfig) -> str | None:
     native, reason = bf16_native(kind)
     if native or kind != "cpu":
         return None
+    verb = "asks" if len(asked) == 1 else "ask"
     return (
-        f"[tunelab] warning: {' and '.join(asked)} {'asks' if len(asked) == 1 else 'ask'} for bf16, but this {reason}: bf16 matrix products "
-        "are emulated here, tens of times slower than float32 (leave both auto to train in float32)"
+        f"[tunelab] warning: {' and '.join(asked)} {verb} for bf16, but this {reason}: bf16 matrix "
+        "products are emulated here, tens of times slower than float32 (leave both auto to train in float32)"
     )

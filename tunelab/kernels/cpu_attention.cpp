@@ -19,7 +19,7 @@
 // Vectors are GCC/Clang vector types of 16 floats, which the compiler maps onto the machine's SIMD
 // registers (one AVX-512 register, two AVX2 registers, four NEON ones).
 
-#include <torch/extension.h>
+#include <torch/python.h>  // tensors, ATen and the pybind11 casters; not the C++ frontend (torch/all.h)
 #include <ATen/Parallel.h>
 
 #include <algorithm>

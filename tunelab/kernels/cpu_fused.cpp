@@ -7,7 +7,7 @@
 // rounded to the tensor's dtype exactly where transformers' modules round it (round-to-nearest-even),
 // so in bf16 the results equal the modules' up to the order of the float32 sums.
 
-#include <torch/extension.h>
+#include <torch/python.h>  // tensors, ATen and the pybind11 casters; not the C++ frontend (torch/all.h)
 #include <ATen/Parallel.h>
 
 #include <array>

@@ -2,7 +2,7 @@
 // by tunelab's C++ CPU kernels (cpu_attention.cpp, cpu_fused.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <torch/python.h>  // tensors, ATen and the pybind11 casters; not the C++ frontend (torch/all.h)
 
 namespace {
 
