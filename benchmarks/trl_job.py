@@ -7,9 +7,10 @@
 workload fixes is set (batch, epochs or steps, lr, max length; LoRA r and alpha so the adapter is
 tunelab's: alpha 16, q_proj and v_proj, no dropout); everything else is TRL's default: the model
 loaded from its path in float32 (`model_init_kwargs` default) under bf16 autocast (`bf16=True`,
-TRL's default; `--fp32` turns it off), gradient checkpointing on, loss on completions only, a linear schedule. The job
-ends as a user's does: `trainer.save_model(OUT)` (the PEFT adapter, or the full model). The
-seconds of `trainer.train()` alone are printed as `TRAIN_LOOP_SECONDS s` (the loop's share).
+TRL's default; `--fp32` turns it off), gradient checkpointing on, loss on completions only, a
+linear schedule. The job ends as a user's does: `trainer.save_model(OUT)` (the PEFT adapter, or
+the full model). The seconds of `trainer.train()` alone are printed as `TRAIN_LOOP_SECONDS s` (the
+loop's share).
 
 A `.gguf` model is loaded first (TRL reads a path's config without `gguf_file`), by transformers,
 which dequantises it, in float32: what TRL loads a path in; then unmarked as quantised, since TRL
