@@ -26,7 +26,7 @@ demo-lora: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
