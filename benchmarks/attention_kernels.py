@@ -37,7 +37,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     tokens = sum(LENGTHS)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)  # (B + 1,)
+    cu = torch.tensor([0, *LENGTHS]).cumsum(0).to(torch.int32)  # (B + 1,), as pack_batch makes it
 
     def leaf(heads: int) -> torch.Tensor:  # (1, heads, N, D), as transformers hands it over
         return torch.randn(1, heads, tokens, HEAD_DIM, generator=generator).to(dtype).requires_grad_()

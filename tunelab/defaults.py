@@ -34,10 +34,10 @@ roundings of transformers' modules. Float32 runs keep transformers' own chain of
 
 Packed attention on CPU. `data.native_attention: auto` takes tunelab's C++ kernel
 (`tunelab.kernels.cpu_attention`) on a CPU with AVX-512 (`wide_vectors`): its arithmetic runs on
-vectors of 16 float32 lanes, one register there. AVX2 has 16 registers of 8 lanes, each vector takes
-two, and the same code compiled for it keeps its accumulators on the stack: on a Zen 3 EPYC, one layer's attention over
-a packed row of 1,464 tokens took 89 ms forward and 187 ms backward against 11 and 23 ms for SDPA per
-example. So `auto` is the kernel with AVX-512 and SDPA per example elsewhere (other instruction sets
+vectors of 16 float32 lanes, one register there. AVX2 has 16 registers of 8 lanes, each vector
+takes two, and the same code compiled for it keeps its accumulators on the stack: on a Zen 3 EPYC,
+one layer's attention over a packed row of 1,464 tokens took 89 ms forward and 187 ms backward
+against 11 and 23 ms for SDPA per example. So `auto` is the kernel with AVX-512 and SDPA per example elsewhere (other instruction sets
 and other devices; on CUDA the option has no effect). Both compute the same attention in float32.
 
 Packing. `data.packing: auto` is on for SFT with every method but prefix (packed rows give every
@@ -108,10 +108,12 @@ def wide_vectors(device_type: str) -> tuple[bool, str]:
 
 
 def resolve_native_attention(config: RunConfig) -> tuple[bool, str]:
-    """(`data.native_attention`, why) for `auto`: the C++ kernel on a CPU with 512-bit vectors."""
+    """(`data.native_attention`, why) for `auto`: the C++ kernel on a CPU with 512-bit vectors. Off
+    the CPU the answer is moot (packed attention on a GPU never takes the CPU kernel) and the reason
+    is empty: nothing to say."""
     kind = device_type(config.model.device)
     if kind != "cpu":
-        return True, ""  # packed attention on a GPU never takes the CPU kernel
+        return True, ""
     return wide_vectors(kind)
 
 
@@ -191,7 +193,7 @@ def resolve_defaults(config: RunConfig) -> None:
     config.data.packing = packing
     if config.data.native_attention == AUTO:
         native, reason = resolve_native_attention(config)
-        if packing and device_type(config.model.device) == "cpu":
+        if packing and reason:  # said where it matters: a packed run on the CPU
             changed.append(f"data.native_attention auto -> {str(native).lower()} ({reason})")
         config.data.native_attention = native
     if config.train.fused_kernels == AUTO:
