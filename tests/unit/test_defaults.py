@@ -71,7 +71,7 @@ def test_a_minimal_config_resolves_to_the_fast_path(native, method, objective, b
     else:
         assert (config.model.dtype, config.train.precision) == ("float32", "fp32")
     assert config.data.packing is (objective == "sft" and method != "prefix")
-    assert config.train.fused_kernels is bf16  # a CPU run (no CUDA here) in bf16
+    assert config.train.fused_kernels is True  # a CPU run (no CUDA here), bf16 or fp32
     assert config.data.native_attention is bf16  # the probes say AVX-512 with bf16, AVX2 without
     assert config.auto_keys == [
         "model.dtype",
@@ -98,7 +98,8 @@ def test_the_notes_say_what_auto_became_and_why(native):
     assert "model.dtype auto -> float32, train.precision auto -> bf16 (probe says bf16; method full" in line
     native(False)
     assert minimal("lora", "dpo").default_notes == [
-        "[tunelab] defaults: model.dtype auto -> float32, train.precision auto -> fp32 (probe says no bf16)"
+        "[tunelab] defaults: model.dtype auto -> float32, train.precision auto -> fp32 (probe says no bf16), "
+        "train.fused_kernels auto -> true"
     ]
 
 
@@ -119,11 +120,12 @@ def test_explicit_values_win(native):
     native(True)
     pinned = minimal(model={"dtype": "float32"}, train={"precision": "fp32"}, data={"packing": False})
     assert (pinned.model.dtype, pinned.train.precision, pinned.data.packing) == ("float32", "fp32", False)
-    assert pinned.default_notes == [] and pinned.auto_keys == [
+    assert pinned.auto_keys == [
         "data.native_attention",
         "train.fused_kernels",
-    ]  # without packing, the attention kernel is moot; fused kernels off for fp32: both silent
-    assert pinned.train.fused_kernels is False
+    ]  # without packing, the attention kernel is moot: silent
+    assert pinned.default_notes == ["[tunelab] defaults: train.fused_kernels auto -> true"]
+    assert pinned.train.fused_kernels is True
     # One explicit, the other `auto`: `auto` follows the explicit one.
     assert minimal(train={"precision": "fp32"}).model.dtype == "float32"
     assert minimal(model={"dtype": "float32"}).train.precision == "bf16"
@@ -147,10 +149,11 @@ def test_explicit_values_win(native):
         minimal("prefix", data={"packing": True})
 
 
-def test_fused_kernels_are_on_for_cpu_bf16_runs_only(native, monkeypatch):
+def test_fused_kernels_are_on_for_cpu_bf16_and_fp32_runs(native, monkeypatch):
     native(True)
     assert minimal().train.fused_kernels is True
-    assert minimal(train={"precision": "fp32"}).train.fused_kernels is False  # float32: transformers' chain
+    assert minimal(train={"precision": "fp32"}).train.fused_kernels is True
+    assert minimal(train={"precision": "fp16"}).train.fused_kernels is False  # float16: transformers' chain
     assert minimal(train={"compile": True}).train.fused_kernels is False  # the compiler fuses these itself
     assert minimal(train={"fused_kernels": False}).train.fused_kernels is False  # explicit wins
     assert minimal(train={"precision": "fp32", "fused_kernels": True}).train.fused_kernels is True
@@ -256,8 +259,8 @@ def test_the_run_prints_the_defaults_line(native, llama_dir, tmp_path, capsys):
     setup_run(config)
     out = capsys.readouterr().out.splitlines()
     assert (
-        "[tunelab] defaults: model.dtype auto -> float32, train.precision auto -> fp32 (probe says no bf16)"
-        in out
+        "[tunelab] defaults: model.dtype auto -> float32, train.precision auto -> fp32 (probe says no bf16), "
+        "train.fused_kernels auto -> true" in out
     )
     assert sum(line.startswith("[tunelab] data.packing auto -> false: prefix tuning") for line in out) == 1
 

@@ -3,11 +3,14 @@ backward can rebuild, and its loss and gradients stay bit for bit those of plain
 
 Full fine-tuning of tiny models (float32 weights, bf16 autocast, the fused RMSNorm/SwiGLU kernels,
 the chunked loss), one forward and backward each way. `stored` tallies what each way keeps between
-the passes: a tensor that `LeanSaving.pack` lets through counts, a rebuilt one does not.
+the passes: a tensor that `LeanSaving.pack` lets through counts, a rebuilt one does not. A frozen
+base (bf16 or float32) and float32 full fine-tuning without autocast keep the fused norm's and
+SwiGLU's outputs themselves, which are rebuilt too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 
@@ -50,7 +53,7 @@ def loss_and_grads(model, batch, context) -> tuple[torch.Tensor, dict[str, torch
     with context:
         loss = model_lm_loss_sum(model, batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("arch,fused", [("llama", True), ("llama", False), ("qwen2", True), ("phi3", True)])
@@ -65,8 +68,9 @@ def test_lean_saving_gives_the_same_loss_and_gradients_bit_for_bit(arch, fused, 
         assert torch.equal(grads_lean[name], grad), name
 
 
-def stored(model, batch, lean: bool) -> list[tuple[str, torch.dtype, tuple, torch.Tensor]]:
-    """(what made it, dtype, shape, the tensor) of every distinct storage kept for backward."""
+def stored(model, batch, lean: bool, dtype=BF16) -> list[tuple[str, torch.dtype, tuple, torch.Tensor]]:
+    """(what made it, dtype, shape, the tensor) of every distinct storage kept for backward, under
+    autocast to `dtype` (None: a float32 pass without autocast)."""
     lean_saving = LeanSaving()
     kept, seen = [], set()
 
@@ -79,7 +83,7 @@ def stored(model, batch, lean: bool) -> list[tuple[str, torch.dtype, tuple, torc
         return packed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, LeanSaving.unpack):
-        with torch.autocast("cpu", dtype=BF16, cache_enabled=not lean):
+        with torch.autocast("cpu", dtype=dtype or BF16, enabled=dtype is not None, cache_enabled=not lean):
             loss = model_lm_loss_sum(model, batch)
     loss.backward()
     return kept
@@ -151,15 +155,62 @@ def test_nothing_outlives_the_backward_pass(llama_dir, monkeypatch):
     assert captured and captured[0]() is None
 
 
-def test_a_bf16_model_is_saved_as_before(llama_dir):
-    """LoRA's case, a bf16 base: there is nothing to rebuild, every saved tensor is kept as is."""
-    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=BF16)
-    cpu_fused.apply_fused_kernels(model)
+def frozen_base(folder, dtype: torch.dtype) -> torch.nn.Module:
+    """LoRA's case: a frozen base (random norm weights) with the fused kernels, where only q_proj
+    and down_proj train, so the input norm's output and SwiGLU's output are kept for their weight
+    gradients as they are, not as casts."""
+    model = full_model(folder).to(dtype)
     for name, param in model.named_parameters():
-        param.requires_grad_("q_proj" in name)
+        param.requires_grad_("q_proj" in name or "down_proj" in name)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_a_frozen_base_keeps_no_norm_or_swiglu_output(dtype, llama_dir):
+    """Without casts (a bf16 base, or float32 without autocast), the fused norm's and SwiGLU's
+    outputs are rebuilt too; everything else is kept as before."""
+    model = frozen_base(llama_dir, dtype)
     batch = batch_for(model)
-    plain, lean = stored(model, batch, lean=False), stored(model, batch, lean=True)
-    assert [k[:3] for k in lean] == [k[:3] for k in plain]
+    autocast = BF16 if dtype == BF16 else None
+    plain, lean = stored(model, batch, False, autocast), stored(model, batch, True, autocast)
+    layers = model.config.num_hidden_layers
+    rebuilt = ("_RMSNormBackward", "_SwiGLUBackward")
+    # q_proj's inputs (the first layer's needs no gradient, has no node, and stays), down_proj's
+    assert sum(k[0] == "_RMSNormBackward" for k in plain) == layers - 1
+    assert sum(k[0] == "_SwiGLUBackward" for k in plain) == layers
+    assert [k[:3] for k in lean] == [k[:3] for k in plain if k[0] not in rebuilt]
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_a_frozen_base_gives_the_same_loss_and_gradients_bit_for_bit(dtype, llama_dir):
+    model = frozen_base(llama_dir, dtype)
+    batch = batch_for(model)
+    autocast = BF16 if dtype == BF16 else None
+    plain = torch.autocast("cpu", dtype=BF16) if autocast else contextlib.nullcontext()
+    loss_ref, grads_ref = loss_and_grads(model, batch, plain)
+    loss_lean, grads_lean = loss_and_grads(model, batch, lean_autocast("cpu", autocast))
+    assert torch.equal(loss_lean, loss_ref)
+    assert grads_lean.keys() == grads_ref.keys() and len(grads_ref) == 2 * model.config.num_hidden_layers
+    for name, grad in grads_ref.items():
+        assert torch.equal(grads_lean[name], grad), name
+
+
+def test_float32_full_fine_tuning_gives_the_same_loss_and_gradients_bit_for_bit(llama_dir):
+    """No autocast: the norm outputs (kept by q, k, v, gate and up for their weight gradients) and
+    SwiGLU's are rebuilt; the gradients of every weight stay those of the plain float32 pass."""
+    model = full_model(llama_dir)
+    batch = batch_for(model)
+    loss_ref, grads_ref = loss_and_grads(model, batch, contextlib.nullcontext())
+    loss_lean, grads_lean = loss_and_grads(model, batch, lean_autocast("cpu", None))
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch.equal(loss_lean, loss_ref)
+    for name, grad in grads_ref.items():
+        assert torch.equal(grads_lean[name], grad), name
+    plain, lean = stored(model, batch, False, None), stored(model, batch, True, None)
+    assert not [k for k in lean if k[0] in ("_RMSNormBackward", "_SwiGLUBackward")]
+    plain_bytes = sum(k[3].untyped_storage().nbytes() for k in plain)
+    lean_bytes = sum(k[3].untyped_storage().nbytes() for k in lean)
+    assert lean_bytes < 0.9 * plain_bytes
 
 
 def test_one_context_serves_one_pass_after_another(llama_dir):

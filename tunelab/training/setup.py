@@ -56,12 +56,14 @@ class Run:
 
     def autocast(self):
         """The forward-pass precision context (bf16/fp16 autocast, or nothing for fp32). Uncompiled,
-        the pass saves no bf16 copy that backward can rebuild exactly (`lean_autocast`)."""
-        precision = self.config.train.precision
+        the pass saves nothing that backward can rebuild exactly (`lean_autocast`): no bf16 copy,
+        and with the fused kernels no norm or SwiGLU output (float32 too)."""
+        precision, compiled = self.config.train.precision, self.config.train.compile
         if precision == "fp32":
-            return contextlib.nullcontext()
+            fused = self.config.train.fused_kernels is True and not compiled
+            return lean_autocast(self.device.type, None) if fused else contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        if self.config.train.compile:
+        if compiled:
             return torch.autocast(device_type=self.device.type, dtype=dtype)
         return lean_autocast(self.device.type, dtype)
 
