@@ -33,3 +33,21 @@ def test_a_lock_left_by_a_killed_build_is_cleared():
         stale.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr
     assert "could not be built" not in done.stderr + done.stdout
+
+
+def test_python_m_tunelab_kernels_builds_every_kernel():
+    """`make setup` runs it: both kernels ready (cached by then, as here), one line each."""
+    assert cpu_fused.build()
+    done = subprocess.run(
+        [sys.executable, "-m", "tunelab.kernels"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "[tunelab] kernel cpu_fused: ready" in lines
+    assert "[tunelab] kernel cpu_attention: ready" in lines
+
+
+def test_a_kernel_that_cannot_be_built_is_reported_not_raised():
+    from tunelab.kernels.__main__ import build_all
+
+    assert build_all(("cpu_fused", "no_such_kernel")) == {"cpu_fused": True, "no_such_kernel": False}
