@@ -107,6 +107,22 @@ def test_swiglu_matches_silu_times_up(dtype, width):
     assert_matches(gate_fused.grad, gate_ref.grad)
 
 
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+def test_a_nan_stays_in_its_lane(dtype):
+    """Comparisons run on 8-lane halves without AVX-512 (vector_math.h, `where_greater`): a NaN in
+    either half of a 16-lane block makes its own outputs NaN and no other."""
+    gate = torch.linspace(-12.0, 12.0, 48).to(dtype)
+    gate[[3, 12, 40]] = float("nan")  # lanes 3 and 12 of the first block, 8 of the third
+    up, grad = torch.ones_like(gate), torch.ones_like(gate)
+    out = cpu_fused.swiglu_values(gate, up)
+    grad_gate, grad_up = cpu_fused._extension().swiglu_backward(grad, gate, up)
+    for values in (out, grad_gate, grad_up):
+        assert values.isnan().nonzero().flatten().tolist() == [3, 12, 40]
+    expected = torch.nn.functional.silu(gate.float()).to(dtype)
+    keep = ~gate.isnan()
+    assert_matches(out[keep], expected[keep])
+
+
 def test_kernels_refuse_what_they_cannot_read():
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         cpu_fused.swiglu(torch.ones(4, dtype=torch.float16), torch.ones(4, dtype=torch.float16))

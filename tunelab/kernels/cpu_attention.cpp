@@ -182,7 +182,7 @@ std::vector<torch::Tensor> forward_d(const torch::Tensor& q, const torch::Tensor
           v16 mv = splat(-INFINITY);
           for (int64_t j = 0; j < n16; j += 16) {
             const v16 x = load16(row + j);
-            mv = x > mv ? x : mv;
+            mv = where_greater(x, mv, x, mv);
           }
           const float m = max_of(mv);
           probabilities(row, n, jmax, m);

@@ -151,11 +151,11 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad_y, const 
 // 16 elements at a time (vector_math.h); bfloat16 lanes are widened to float32 and rounded back.
 
 // sigmoid(x) = 1 / (1 + e^-x), through e^-|x| so that the exponent never overflows.
-inline v16 sigmoid16(v16 x) {
+TUNELAB_VINLINE v16 sigmoid16(v16 x) {
   const v16 magnitude = (v16)((vu16)x & 0x7fffffffu);
   const v16 e = exp16(-magnitude);
   const v16 r = 1.f / (1.f + e);
-  return x >= 0.f ? r : e * r;
+  return where_greater(splat(0.f), x, e * r, r);  // x < 0: e^x / (1 + e^x)
 }
 
 // Runs `block(arrays, i)` on every 16-element block of [begin, end) of the arrays in `arrays`; the last,
@@ -262,7 +262,7 @@ void xent_kernel(const typename D::T* z, const int64_t* y, float* loss, typename
       v16 max16 = splat(-INFINITY);
       for (int64_t i = 0; i < blocks_end; i += 16) {
         const v16 v = load16(row + i);
-        max16 = v > max16 ? v : max16;
+        max16 = where_greater(v, max16, v, max16);
       }
       float m = max_of(max16);
       for (int64_t i = blocks_end; i < V; ++i) m = std::max(m, D::load(row, i));
