@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
-	# The C++ CPU kernels, both at once (tunelab/kernels/__main__.py); without a compiler tunelab runs
-	# without them, so a failed build does not stop the set-up.
+# The C++ CPU kernels, both at once (tunelab/kernels/__main__.py); without a compiler tunelab runs
+# without them, so a failed build does not stop the set-up.
 	$(PY) -m tunelab.kernels || true
 	touch $(STAMP)
 
