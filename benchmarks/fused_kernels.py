@@ -5,16 +5,17 @@
     python -m benchmarks.fused_kernels --method full train.precision=fp32 model.dtype=float32
 
 The model, data and step are tunelab's own, from the whole-job benchmark's minimal config
-(`benchmarks.defaults`: the 31.6M workload or SmolLM2-135M-Instruct, LoRA r=16, bf16 base, bf16
-autocast, packed rows of 8 real records): `prepare_model`, `prepare_data`, `pack_batch` and the
-chunked loss; trailing `key=value` overrides change the config (a float32 run on a CPU that has
-bf16, or the other way). Each step runs in the run's own context (`Run.autocast`: with the
-kernels, what they output is rebuilt in backward, not saved). Each round runs `--steps` steps with the kernels, then `--steps` without
-(`remove_fused_kernels`), in alternating order; one warm-up step before each timing. `--only loss`
-keeps the norm and MLP kernels on in both and switches only the LM head's cross-entropy rows. One
-process and alternation keep the comparison fair on a noisy machine: a slower minute slows both.
-Prints the per-round ratio (unfused / fused time), the median, and the largest resident set seen
-with each (the process's RSS after its steps).
+(`benchmarks.defaults`: the 31.6M workload or SmolLM2-135M-Instruct, LoRA r=16, packed rows of 8
+real records, and this machine's defaults: a bf16 base under bf16 autocast where the CPU computes
+bf16, float32 elsewhere): `prepare_model`, `prepare_data`, `pack_batch` and the chunked loss.
+Trailing `key=value` overrides change the config (a float32 run on a CPU that has bf16, or the
+other way). Each step runs in the run's own context (`Run.autocast`: with the kernels, what they
+output is rebuilt in backward, not kept). Each round runs `--steps` steps with the kernels, then
+`--steps` without (`remove_fused_kernels`), in alternating order; one warm-up step before each
+timing. `--only loss` keeps the norm and MLP kernels on in both and switches only the LM head's
+cross-entropy rows. One process and alternation keep the comparison fair on a noisy machine: a
+slower minute slows both. Prints the per-round ratio (unfused / fused time), the median, and the
+largest resident set seen with each (the process's RSS after its steps).
 """
 
 from __future__ import annotations
