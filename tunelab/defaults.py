@@ -44,8 +44,9 @@ Packed attention on CPU. `data.native_attention: auto` takes tunelab's C++ kerne
 vectors of 16 float32 lanes, one register there. AVX2 has 16 registers of 8 lanes, each vector
 takes two, and the same code compiled for it keeps its accumulators on the stack: on a Zen 3 EPYC,
 one layer's attention over a packed row of 1,464 tokens took 89 ms forward and 187 ms backward
-against 11 and 23 ms for SDPA per example. So `auto` is the kernel with AVX-512 and SDPA per example elsewhere (other instruction sets
-and other devices; on CUDA the option has no effect). Both compute the same attention in float32.
+against 11 and 23 ms for SDPA per example. So `auto` is the kernel with AVX-512 and SDPA per
+example elsewhere (other instruction sets and other devices; on CUDA the option has no effect).
+Both compute the same attention in float32.
 
 Packing. `data.packing: auto` is on for SFT with every method but prefix (packed rows give every
 example the logits of the padded batch, `tunelab.data.packing`; only the cost changes). Prefix

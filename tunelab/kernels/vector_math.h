@@ -38,9 +38,8 @@ TUNELAB_VINLINE V where_greater(V a, V b, V x, V y) {
 #else
 template <typename V>
 TUNELAB_VINLINE V where_greater(V a, V b, V x, V y) {
-  typedef decltype(a[0]) Lane;
-  typedef std::remove_cv_t<std::remove_reference_t<Lane>> L;
-  typedef L half __attribute__((vector_size(32)));
+  typedef std::remove_cvref_t<decltype(a[0])> Lane;
+  typedef Lane half __attribute__((vector_size(32)));
   half ah[2], bh[2], xh[2], yh[2];
   std::memcpy(ah, &a, sizeof(a));
   std::memcpy(bh, &b, sizeof(b));

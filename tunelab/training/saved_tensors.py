@@ -76,19 +76,17 @@ class LeanSaving:
                     return tensor  # a DTensor, a quantised or otherwise special weight: kept as saved
                 return ("weight", variable, variable._version, base.dtype, *layout(tensor))
             if type(source).__name__ == NORM_NODE:  # a cast of the fused RMSNorm's output
-                x, weight, _ = source.saved_tensors
-                if x.shape == base.shape and base.is_contiguous():
-                    return ("norm", x, weight, source.eps, base.dtype, *layout(tensor))
+                rebuilt = norm_rebuild(source, base, tensor)
+                if rebuilt is not None:
+                    return rebuilt
             key = (id(source), output, base.dtype)
             first = self.casts.get(key)
             if first is not None and first[0] is source and layout(first[1]) == layout(base):
                 return ("alias", first[1], *layout(tensor))
             self.casts[key] = (source, base)
             return tensor
-        if name == NORM_NODE and base.is_contiguous():  # the fused RMSNorm's output itself
-            x, weight, _ = node.saved_tensors
-            if x.shape == base.shape:
-                return ("norm", x, weight, node.eps, base.dtype, *layout(tensor))
+        if name == NORM_NODE:  # the fused RMSNorm's output itself
+            return norm_rebuild(node, base, tensor) or tensor
         if name == SWIGLU_NODE and base.is_contiguous():
             gate, up = node.saved_tensors
             if gate.shape == base.shape:
@@ -116,6 +114,18 @@ class LeanSaving:
             return first.as_strided(size, stride, offset)
         gate, up, size, stride, offset = rest  # "swiglu"
         return cpu_fused.swiglu_values(gate, up).as_strided(size, stride, offset)
+
+
+def norm_rebuild(norm: torch.autograd.graph.Node, base: torch.Tensor, tensor: torch.Tensor) -> tuple | None:
+    """How `unpack` rebuilds `base`, the output of the fused RMSNorm node `norm` or a cast of it to
+    `base.dtype` (`tensor` a view of it): from the input and weight the node keeps, or None where
+    `base` is not laid out as that output."""
+    if not base.is_contiguous():
+        return None
+    x, weight, _ = norm.saved_tensors
+    if x.shape != base.shape:
+        return None
+    return ("norm", x, weight, norm.eps, base.dtype, *layout(tensor))
 
 
 def layout(tensor: torch.Tensor) -> tuple[torch.Size, tuple[int, ...], int]:
