@@ -1,12 +1,12 @@
 """Sharded loading and sharded checkpoints under FSDP2 (tunelab/training/sharded_load.py,
-tunelab/training/sharded_checkpoint.py), on 1, 2 and 4 gloo ranks on 127.0.0.1.
+tunelab/training/sharded_checkpoint.py), on 2 and 4 gloo ranks on 127.0.0.1 and in one process.
 
 Two launches (tests/distributed/worker.py): 2 ranks (peak memory, then sharded-loaded runs and a
 run that falls back to the whole load) and 4 ranks (peak memory, then runs resumed from the 2-rank
-checkpoints). The memory check is each launch's
-first job: VmHWM is a peak over the process's life. The tiny model here ties its embeddings and is
-saved as several safetensors files with an index. The last tests run in this process: the rows
-each rank reads from a file, and which sources are read rank by rank.
+checkpoints). The memory check is each launch's first job: VmHWM is a peak over the process's
+life. The tiny model here ties its embeddings and is saved as several safetensors files with an
+index. The last tests run in this process: the rows each rank reads from a file, and which sources
+are read rank by rank.
 """
 
 from __future__ import annotations
