@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from dataclasses import dataclass
+
 PINNED_MODEL = {"dtype": "float32"}
 """`model:` keys that tests pin: the `auto` default depends on the machine (tunelab/defaults.py)."""
 PINNED_TRAIN = {"precision": "fp32"}
@@ -58,3 +61,31 @@ def rlhf_config(
     if eval_file is not None:
         sections["data"]["eval"] = str(eval_file)
     return load_config(None, list(overrides), **sections)
+
+
+@dataclass
+class Outcome:
+    """What a `tunelab` command line gave: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run_in_process(argv: list[str], capsys) -> Outcome:
+    """`tunelab.cli.main(argv)` in this process (what `tunelab ARGV` runs before `exit_now`): its
+    exit code and what it printed, as a subprocess's would be; an exception that escapes `main` is
+    code 1 with its traceback on stderr, as the user would see it. Each `python -m tunelab` costs
+    7-8 s of imports (torch, transformers) on a 2-core machine."""
+    from tunelab.cli import main
+
+    capsys.readouterr()  # drop what earlier steps printed
+    crash = ""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:  # argparse
+        code = stop.code if isinstance(stop.code, int) else 1
+    except Exception:  # noqa: BLE001 - what escapes main() is a traceback for the user
+        code, crash = 1, traceback.format_exc()
+    out, err = capsys.readouterr()
+    return Outcome(code, out, err + crash)

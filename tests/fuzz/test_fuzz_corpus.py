@@ -19,10 +19,8 @@ import os
 import re
 import subprocess
 import sys
-import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import pytest
 
 import tunelab
 from tests.fuzz.corpus import KNOWN_BUGS, SUBPROCESS_CASES, Case, Invocation, Workspace, all_cases
-from tunelab.cli import main
+from tests.helpers import Outcome, run_in_process
 
 CASES = all_cases()
 BY_ID = {case.id: case for case in CASES}
@@ -96,13 +94,6 @@ def workspace(tmp_path, llama_dir, fuzz_runs, monkeypatch) -> Workspace:
 # ---------------------------------------------------------------- running and checking
 
 
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-
 def snapshot(paths: tuple[Path, ...]) -> dict[Path, str]:
     """sha256 of every file at or under `paths`."""
     files = {}
@@ -125,19 +116,6 @@ def written_over(before: dict[Path, str], after: dict[Path, str], invocation: In
     removed = [f"removed {f}" for f in before if f not in after]
     added = [f"added {f}" for f in after if f not in before and not may_change(f)]
     return changed + removed + added
-
-
-def run_in_process(argv: list[str], capsys) -> Outcome:
-    capsys.readouterr()
-    crash = ""
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse
-        code = stop.code if isinstance(stop.code, int) else 1
-    except Exception:  # noqa: BLE001 - what escapes main() is a traceback for the user
-        code, crash = 1, traceback.format_exc()
-    out, err = capsys.readouterr()
-    return Outcome(code, out, err + crash)
 
 
 def run_subprocess(argv: list[str], cwd: Path) -> Outcome:

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 import tunelab
-from tests.helpers import sft_config
+from tests.helpers import run_in_process, sft_config
 from tunelab.cli import COMMANDS, main
 
 
 def run_cli(*args, stdin: str | None = None, cwd=None):
     """`python -m tunelab ARGS` in a new process: for what only a process shows (its exit, what
-    it imports). Each one costs 7-8 s of imports (torch, transformers) on a 2-core machine."""
+    it imports); the rest runs `main` in this process (`tests.helpers.run_in_process`)."""
     return subprocess.run(
         [sys.executable, "-m", "tunelab", *args],
         capture_output=True,
@@ -25,17 +25,6 @@ def run_cli(*args, stdin: str | None = None, cwd=None):
         timeout=300,
         cwd=cwd,
     )
-
-
-def main_in_process(capsys, monkeypatch, *args, stdin: str | None = None):
-    """`main(ARGS)` in this process (what `tunelab ARGS` runs before `exit_now`): the exit code
-    and what it wrote, as a subprocess's would be."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    capsys.readouterr()  # drop what earlier steps printed
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_python_m_tunelab_help_lists_every_command():
@@ -78,26 +67,26 @@ def test_bad_config_key_is_one_line_without_traceback(tmp_path):
     assert "unknown key 'train.learning_rate'" in result.stderr and str(config) in result.stderr
 
 
-def test_missing_model_path_is_a_clear_error(tmp_path, instruction_data, capsys, monkeypatch):
+def test_missing_model_path_is_a_clear_error(tmp_path, instruction_data, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model: {{name_or_path: {tmp_path}/no-such-model}}\ndata: {{train: {instruction_data[0]}}}\n"
     )
-    result = main_in_process(capsys, monkeypatch, "train", config)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "does not exist" in result.stderr
+    result = run_in_process(["train", config], capsys)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "does not exist" in result.err
 
 
-def test_bad_data_record_is_a_clear_error(tmp_path, llama_dir, capsys, monkeypatch):
+def test_bad_data_record_is_a_clear_error(tmp_path, llama_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
     config = tmp_path / "run.yaml"
     config.write_text(
         f"model: {{name_or_path: {llama_dir}}}\ndata: {{train: {data}}}\noutput_dir: {tmp_path}/out\n"
     )
-    result = main_in_process(capsys, monkeypatch, "train", config)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{data}, record 2, field 'output': expected a string" in result.stderr
+    result = run_in_process(["train", config], capsys)
+    assert result.code == 2 and "Traceback" not in result.err
+    assert f"{data}, record 2, field 'output': expected a string" in result.err
 
 
 def test_eval_and_generate_on_a_trained_run(tiny_model_dirs, instruction_data, tmp_path, capsys, monkeypatch):
@@ -108,21 +97,18 @@ def test_eval_and_generate_on_a_trained_run(tiny_model_dirs, instruction_data, t
     tunelab.train(
         sft_config(tiny_model_dirs["llama"], train_file, run_dir, "train.max_steps=3", eval_file=eval_file)
     )
-    result = main_in_process(capsys, monkeypatch, "eval", run_dir, "--limit", "6", "--max-new-tokens", "4")
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout[result.stdout.index("{") :])
+    result = run_in_process(["eval", run_dir, "--limit", "6", "--max-new-tokens", "4"], capsys)
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out[result.out.index("{") :])
     assert metrics["records"] == 6 and metrics["eval_loss"] > 0 and 0 <= metrics["exact_match"] <= 1
-    answer = main_in_process(
-        capsys, monkeypatch, "generate", run_dir, "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4"
+    answer = run_in_process(
+        ["generate", run_dir, "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4"], capsys
     )
-    assert answer.returncode == 0, answer.stderr
-    chat = main_in_process(
-        capsys, monkeypatch, "generate", run_dir, "--max-new-tokens", "3", stdin="hello\nagain\n\n"
-    )
-    assert chat.returncode == 0, chat.stderr
-    assert (
-        chat.stdout.count("\n") == 2
-    )  # one reply line per user line (a barely trained model may say nothing)
+    assert answer.code == 0, answer.err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n\n"))
+    chat = run_in_process(["generate", run_dir, "--max-new-tokens", "3"], capsys)
+    assert chat.code == 0, chat.err
+    assert chat.out.count("\n") == 2  # one reply line per user line (a barely trained model may say nothing)
 
 
 def test_demo_runs_from_any_working_directory(tmp_path, capsys, monkeypatch):
@@ -130,9 +116,9 @@ def test_demo_runs_from_any_working_directory(tmp_path, capsys, monkeypatch):
     directory."""
     quick = ["train.max_steps=2", "train.eval_every=0", "train.save_every=0", "eval.num_examples=4"]
     monkeypatch.chdir(tmp_path)
-    result = main_in_process(capsys, monkeypatch, "demo", *quick, "output_dir=out")
-    assert result.returncode == 0, result.stderr
-    assert "| exact match (held-out)" in result.stdout and str(tmp_path / "out") in result.stdout
+    result = run_in_process(["demo", *quick, "output_dir=out"], capsys)
+    assert result.code == 0, result.err
+    assert "| exact match (held-out)" in result.out and str(tmp_path / "out") in result.out
     summary = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert summary["after"]["steps"] == 2 and (tmp_path / "out" / "final").is_dir()
 
