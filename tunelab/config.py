@@ -314,7 +314,19 @@ class RunConfig:
 # ---------------------------------------------------------------- parsing
 
 
+_PLAIN_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    type(None): "null",
+}
+
+
 def _type_name(tp: Any) -> str:
+    """How an error names a type a value should have: 'an integer', 'null', 'list[str]'."""
+    if tp in _PLAIN_NAMES:
+        return _PLAIN_NAMES[tp]
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

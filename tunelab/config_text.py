@@ -5,6 +5,7 @@ mapping into typed dataclasses.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,16 @@ class StrictLoader(yaml.SafeLoader):
                         None, None, f"key {key!r} is given twice (first on line {first})", key_node.start_mark
                     )
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent, so `lr: 2e-4` or
+# `lr: 1.0e5` would be the strings '2e-4' and '1.0e5'. YAML 1.2 and every other config reader
+# take them as numbers; so does this one (in config files as in `key.sub=value` overrides).
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _mark(mark) -> str:

@@ -35,6 +35,17 @@ def test_overrides_set_nested_keys_with_types(tmp_path):
     assert config.output_dir == "x"
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML alone reads `2e-4` and `1.0e5` as strings; a config must not fail on them.
+    path = write(tmp_path, "model: {name_or_path: m}\ntrain: {lr: 2e-4, weight_decay: 1E-2}\n")
+    config = load_config(path)
+    assert config.train.lr == pytest.approx(2e-4)
+    assert config.train.weight_decay == pytest.approx(1e-2)
+    assert load_config(path, ["train.lr=1.0e5"]).train.lr == pytest.approx(1e5)
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer or null, got 1000.0"):
+        load_config(path, ["train.max_steps=1e3"])
+
+
 def test_method_options_are_parsed_by_the_method(tmp_path):
     path = write(
         tmp_path, "model: {name_or_path: m}\nmethod: {name: partial, last_layers: 2, modules: [lm_head]}\n"
