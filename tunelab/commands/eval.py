@@ -1,8 +1,10 @@
-"""`tunelab eval RUN_OR_MODEL [--data FILE]`: eval loss, perplexity and exact match."""
+"""`tunelab eval RUN_OR_MODEL [--data FILE]`: eval loss, perplexity and exact match, or the figures
+of preference pairs (`tunelab.evaluate_pairs`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +15,14 @@ from tunelab.commands.arguments import (
     add_template_option,
 )
 
-HELP = "evaluate a run, model folder or adapter: loss, perplexity, exact match"
+HELP = "evaluate a run, model folder or adapter: loss, perplexity, exact match; or preference pairs"
 DESCRIPTION = (
     "Evaluate on held-out data: per-token loss, perplexity and, for instruction/chat data, "
-    "the exact-match accuracy of greedy generations against the reference responses. With a run "
-    "folder and no --data, the run's own eval data is used."
+    "the exact-match accuracy of greedy generations against the reference responses. Preference "
+    "pairs (prompt, chosen, rejected) give the mean log-probs of both responses and how often the "
+    "chosen one is the likelier; a DPO run's also its own held-out loss, margin and accuracy. With a "
+    "run folder and no --data, the run's own held-out data is used (data.eval, or the "
+    "data.eval_fraction split drawn again with the run's seed)."
 )
 
 
@@ -40,40 +45,99 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tunelab.config import DataConfig
     from tunelab.console import note
     from tunelab.data.dataset import prepare_data
+    from tunelab.data.formats import PairRecordsError
     from tunelab.errors import TunelabError
     from tunelab.evaluate import evaluate_loss, exact_match
-    from tunelab.runinfo import run_data_config
+    from tunelab.runinfo import run_config
     from tunelab.trained import load_trained
 
-    saved = run_data_config(Path(args.path))
-    data_source = args.data or (saved.eval if saved else None)
-    if not data_source:
+    config = run_config(Path(args.path))
+    if config is not None and config.objective.name == "reward":
         raise TunelabError(
-            f"no eval data for {args.path}: it is not a run with data.eval set; pass --data FILE"
+            f"{args.path} is a reward model (objective reward): score pairs or responses with "
+            f"`tunelab score {args.path} --data FILE`"
         )
-    cfg = DataConfig(
-        train=data_source,
-        split=args.split,
-        format=args.format or (saved.format if saved else "auto"),
-        template=args.template or (saved.template if saved else "auto"),
-        max_length=args.max_length or (saved.max_length if saved else 2048),
-        max_records=args.limit,
-    )
+    cfg, held_out = eval_data_config(args, config)
+    seed = config.train.seed if config is not None else 0
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
-    data = prepare_data(cfg, tokenizer, role="eval")
+    pairs = cfg.format == "preference" or (
+        cfg.format == "auto" and config is not None and config.objective.name == "dpo"
+    )
+    if not pairs:
+        try:
+            data = prepare_data(cfg, tokenizer, seed=seed, role="training" if held_out else "eval")
+        except PairRecordsError:
+            if cfg.format != "auto":
+                raise
+            pairs = True  # the records are preference pairs: they are evaluated as pairs
+    if pairs:
+        result = evaluate_pairs(args, cfg, held_out, seed, config, model, tokenizer, method)
+        print(json.dumps(result, indent=2))
+        return 0
     for line in data.notes:
         note(f"[tunelab] data: {line}")
-    result = {"path": args.path, "method": method, "records": len(data.train.examples)}
-    result.update(evaluate_loss(model, data.train.examples, tokenizer.pad_token_id, args.batch_size))
+    split = data.eval if held_out else data.train
+    examples, conversations = split.examples[: args.limit], split.conversations[: args.limit]
+    result = {"path": args.path, "method": method, "records": len(examples)}
+    result.update(evaluate_loss(model, examples, tokenizer.pad_token_id, args.batch_size))
     if not args.no_generate and data.format in ("instruction", "chat", "prompt_completion"):
         accuracy, generations = exact_match(
-            model, tokenizer, data.train.conversations, data.template, args.max_new_tokens, args.batch_size
+            model, tokenizer, conversations, data.template, args.max_new_tokens, args.batch_size
         )
         result["exact_match"] = accuracy
         for g in generations[: args.show]:
             print(f"--- reference: {g.reference!r}\n    generated: {g.output!r}")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def eval_data_config(args, config) -> tuple:
+    """(the data to read, whether its held-out split is the one evaluated). `--data` or the run's
+    `data.eval` is read whole; a run that held out `data.eval_fraction` of its training data is
+    evaluated on that split, drawn again with the run's seed. Rendering (template, system prompt,
+    chat template, max_length) is the run's unless an option overrides it."""
+    from tunelab.config import DataConfig
+    from tunelab.errors import TunelabError
+
+    saved = config.data if config is not None else None
+    source = args.data or (saved.eval if saved else None)
+    if not source and not (saved and saved.eval_fraction > 0):
+        raise TunelabError(
+            f"no eval data for {args.path}: it is not a run with data.eval or data.eval_fraction set; "
+            "pass --data FILE"
+        )
+    held_out = not source
+    base = saved if saved is not None else DataConfig(train=source, max_length=2048)
+    return dataclasses.replace(
+        base,
+        train=base.train if held_out else source,
+        split=base.split if held_out else args.split,
+        eval=None if not held_out else base.eval,
+        eval_split=None if not held_out else base.eval_split,
+        eval_fraction=base.eval_fraction if held_out else 0.0,
+        format=args.format or base.format,
+        template=args.template or base.template,
+        max_length=args.max_length or base.max_length,
+        max_records=args.limit if not held_out else base.max_records,
+    ), held_out
+
+
+def evaluate_pairs(args, cfg, held_out: bool, seed: int, config, model, tokenizer, method: str) -> dict:
+    """Figures of preference pairs (`tunelab.evaluate_pairs`): the ranking by the model's log-probs,
+    and for a DPO run the run's own held-out loss, margin and accuracy."""
+    from tunelab.console import note
+    from tunelab.data.preference import prepare_preferences
+    from tunelab.evaluate_pairs import dpo_reference, pair_figures
+
+    data = prepare_preferences(dataclasses.replace(cfg, format="preference"), tokenizer, seed=seed)
+    for line in data.notes:
+        note(f"[tunelab] data: {line}")
+    pairs = (data.eval if held_out else data.train)[: args.limit]
+    dpo = None
+    if config is not None and config.objective.name == "dpo":
+        dpo = (dpo_reference(model, method, config), config.objective.options)
+    result = {"path": args.path, "method": method, "pairs": len(pairs)}
+    result.update(pair_figures(model, pairs, tokenizer.pad_token_id, args.batch_size, dpo))
+    return result

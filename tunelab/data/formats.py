@@ -131,4 +131,14 @@ def to_conversation(
         else:
             turns = system + [("user", _text_field(record, ("prompt",), source, number))]
         return Conversation(turns, {k: v for k, v in record.items() if k != "prompt"})
+    if fmt == "preference":
+        problem = (
+            "a preference pair (chosen, rejected): objectives dpo and reward train on pairs; sft takes "
+            "instruction, chat, prompt/completion or text records"
+        )
+        raise PairRecordsError(source, number, None, problem)
     raise DataError(source, number, None, f"unknown data format {fmt!r}")
+
+
+class PairRecordsError(DataError):
+    """Preference pairs where conversations were expected (`tunelab eval` then reads them as pairs)."""

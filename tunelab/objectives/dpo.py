@@ -145,15 +145,20 @@ def pair_losses(model, reference: Reference | None, options: Options, batch: dic
     """Per-pair losses and implicit rewards of a batch of pairs (chosen rows first, then rejected),
     for `options.loss`: (losses (P,), reward of chosen (P,), of rejected (P,)). The rewards are
     beta log-ratios (sigmoid, ipo) or beta times the averaged log-probs (simpo, orpo)."""
-    if options.loss == "simpo":
-        chosen, rejected = average_logprobs(model, batch).chunk(2)
+    return losses_from_logprobs(sequence_logprobs(model, batch), reference, options, batch)
+
+
+def losses_from_logprobs(policy: torch.Tensor, reference: Reference | None, options: Options, batch: dict):
+    """`pair_losses` from the policy's summed log-probs of the batch's rows, `policy` (2P,), chosen
+    first: every loss is a function of them (and, for sigmoid and ipo, of the reference's)."""
+    if options.loss in ("simpo", "orpo"):
+        chosen, rejected = (policy / target_counts(batch)).chunk(2)  # avg(y): (P,) each
+        if options.loss == "orpo":
+            return orpo_loss(chosen, rejected, options.beta)[:3]
         return simpo_loss(
             chosen, rejected, options.beta, options.simpo_gamma, options.label_smoothing, options.cpo_alpha
         )
-    if options.loss == "orpo":
-        chosen, rejected = average_logprobs(model, batch).chunk(2)
-        return orpo_loss(chosen, rejected, options.beta)[:3]
-    policy_chosen, policy_rejected = sequence_logprobs(model, batch).chunk(2)
+    policy_chosen, policy_rejected = policy.chunk(2)
     ref_chosen, ref_rejected = reference_sequence_logprobs(reference, batch).chunk(2)
     if options.loss == "ipo":
         chosen_lengths, rejected_lengths = target_counts(batch).chunk(2)
