@@ -27,11 +27,16 @@ def build_meta_model(
     model_config_name_or_path: str, trust_remote_code: bool = False, dtype: str = "float32"
 ) -> nn.Module:
     """A causal LM of the named architecture with parameters on the meta device (no memory, no
-    weights), in `dtype`."""
+    weights), in `dtype`. The name may be a hub id, a model folder, a `.gguf` file (its metadata) or
+    an earlier run or adapter folder (the base model at the bottom of its chain)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tunelab.export.gguf_in import config_source
+    from tunelab.trained import root_model
+
+    source, extra = config_source(root_model(model_config_name_or_path))
     try:
-        config = AutoConfig.from_pretrained(model_config_name_or_path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
         raise TunelabError(f"cannot read a model config from {model_config_name_or_path!r}: {err}") from None
     with torch.device("meta"):

@@ -170,3 +170,23 @@ def test_reward_model_from_an_sft_run(sft_runs, tmp_path):
     train = {"max_steps": 3, "batch_size": 8, "lr": 1e-3}
     tunelab.train(rlhf_config(sft_runs / "full", out, [], {"name": "reward"}, PAIRS, None, LORA, train))
     assert (out / "final").is_dir() and len(read_metrics(out)) == 3
+
+
+def test_inspect_a_chained_config(sft_runs, llama_dir, tmp_path, capsys):
+    """`tunelab inspect` of a config that starts from an earlier LoRA run reads the architecture of
+    the base at the bottom of the chain: the base's parameters plus the new method's."""
+    from tunelab.cli import main
+
+    base = load_model(str(llama_dir), device="cpu")
+    linears = [m for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(p.numel() for p in base.parameters()) + sum(
+        4 * (m.in_features + m.out_features) for m in linears
+    )
+    config = tmp_path / "dpo.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {sft_runs / 'lora'}}}\nmethod: {json.dumps(LORA)}\n"
+        "objective: {name: dpo}\ndata: {train: unused.jsonl, max_length: 16}\n"
+    )
+    capsys.readouterr()
+    assert main(["inspect", str(config)]) == 0
+    assert f"all params: {total:,}" in capsys.readouterr().out

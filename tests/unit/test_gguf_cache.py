@@ -108,3 +108,36 @@ def test_the_round_trip_check_sees_another_encoding(gguf_file, tmp_path):
     tokenizer.chat_template = "{{ messages }}"
     assert not gguf_in.same_tokenizer(tokenizer, tmp_path / "saved")
     assert not gguf_in.same_tokenizer(tokenizer, tmp_path / "nothing there")
+
+
+def test_inspect_reads_a_gguf_without_converting_it(gguf_file, tmp_path, monkeypatch, capsys):
+    """`tunelab inspect` of a config naming a `.gguf` reads its architecture from the file's metadata
+    (no conversion, no weights), or from its converted folder once there is one: the same counts as
+    the model itself."""
+    from tunelab.cli import main
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    calls = conversions(monkeypatch)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {gguf_file}}}\nmethod: {{name: lora, r: 4, target_modules: all-linear}}\n"
+        "data: {train: unused.jsonl, max_length: 16}\n"
+    )
+    model = load_model(str(gguf_file), device="cpu")
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        4 * (m.in_features + m.out_features) for m in linears
+    )
+    assert calls == [gguf_file]  # the load converted it
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "another-cache"))
+    for _ in range(2):  # not converted in this cache, then (still) not: inspect converts nothing
+        assert main(["inspect", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert f"all params: {total:,}" in out  # the model's, plus r (in + out) per linear layer
+        assert "expected peak memory per device:" in out
+    assert calls == [gguf_file] and not (tmp_path / "another-cache").exists()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert gguf_in.config_source(str(gguf_file)) == (
+        str(next((tmp_path / "cache").glob("*/meta.json")).parent),
+        {},
+    )

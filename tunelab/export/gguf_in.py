@@ -64,6 +64,21 @@ def gguf_source(name_or_path: str, tokenizer: bool = False) -> tuple[str, dict]:
     return str(path.parent), {"gguf_file": path.name}
 
 
+def config_source(name_or_path: str) -> tuple[str, dict]:
+    """`AutoConfig.from_pretrained`'s (first argument, extra keyword arguments) for `name_or_path`,
+    converting nothing: a `.gguf` file already converted is read from its cache folder, any other
+    from its own metadata (a few seconds); anything else passes unchanged."""
+    if not is_gguf(name_or_path):
+        return name_or_path, {}
+    path = Path(name_or_path).expanduser().resolve()
+    if not path.is_file():
+        raise TunelabError(f"GGUF file {name_or_path!r} does not exist")
+    root = cache_root()
+    if root is not None and read_meta(root / conversion_key(path), CONVERSION_VERSION) is not None:
+        return str(root / conversion_key(path)), {}
+    return str(path.parent), {"gguf_file": path.name}
+
+
 def cache_root() -> Path | None:
     """The GGUF cache folder (`$TUNELAB_GGUF_CACHE`, default `~/.cache/tunelab/gguf`), None when off."""
     value = os.environ.get(CACHE_ENV, DEFAULT_CACHE)
