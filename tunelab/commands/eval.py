@@ -59,6 +59,12 @@ def run(args) -> int:
             f"{args.path} is a reward model (objective reward): score pairs or responses with "
             f"`tunelab score {args.path} --data FILE`"
         )
+    if config is not None and config.objective.name in ("ppo", "grpo") and not args.data:
+        raise TunelabError(
+            f"{args.path} is a {config.objective.name} run: its held-out prompts have no reference "
+            "responses to measure against (its held-out rewards before and after training are in "
+            "summary.json); pass --data FILE with instruction, chat or preference records"
+        )
     cfg, held_out = eval_data_config(args, config)
     seed = config.train.seed if config is not None else 0
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
