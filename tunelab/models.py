@@ -200,6 +200,7 @@ def cast_load(source: str, tensors: LazyTensors, kwargs: dict) -> PreTrainedMode
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = model_class.from_pretrained(None, config=config, state_dict=tensors, **kwargs)
+    model.name_or_path = model.config.name_or_path = source  # from_pretrained(None) leaves None
     if (Path(source).expanduser() / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model

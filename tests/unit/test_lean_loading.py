@@ -96,13 +96,14 @@ def test_fp32_checkpoint_loads_as_bf16_one_tensor_at_a_time(checkpoints):
 
 def test_cast_load_gives_what_from_pretrained_gives(checkpoints, tmp_path):
     """The tensor-by-tensor cast is the same model as transformers' own load: same names, same
-    values, same dtypes, same generation config; a sharded checkpoint too."""
+    values, same dtypes, same generation config and name_or_path; a sharded checkpoint too."""
     folder = checkpoints["fp32"]
     GenerationConfig(eos_token_id=2, max_new_tokens=7).save_pretrained(folder)
     ours = load_model(str(folder), dtype="bfloat16", device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert type(ours) is type(theirs)
     assert ours.generation_config.max_new_tokens == 7
+    assert ours.name_or_path == ours.config.name_or_path == theirs.name_or_path == str(folder)
     expected = theirs.state_dict()
     assert list(ours.state_dict()) == list(expected)
     for name, tensor in ours.state_dict().items():

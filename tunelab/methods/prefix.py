@@ -9,10 +9,10 @@ A query at position i of the input attends over the prefix and the causal past:
 Only the prefixes train; the model is frozen. The prefix is not an identity at init (any key
 changes the softmax normaliser), unlike LoRA; the paper and PEFT accept this.
 
-Parameters. One tensor `prefix` of shape (m, L, 2, H_kv, d), initialised N(0, 1) as PEFT's
-`nn.Embedding`, or from the model's own keys/values for the first m tokens of `init_text`
-(the paper's "real word" initialisation: the prefixed model then computes exactly what the base
-model computes after reading that text). With `prefix_projection` the prefix is instead the
+Parameters. One tensor `prefix` of shape (m, L, 2, H_kv, d), initialised from the model's own
+keys/values for the first m tokens of `init_text` (the paper's "real word" initialisation, the
+default: the prefixed model then computes exactly what the base model computes after reading that
+text), or with `init_text: null` N(0, 1) as PEFT's `nn.Embedding`. With `prefix_projection` the prefix is instead the
 output of PEFT's reparameterisation (paper section 4.3): an embedding E (m, H_kv*d) and an MLP
 Linear(H_kv*d, e) -> tanh -> Linear(e, L*2*H_kv*d), e = `encoder_hidden_size`. The MLP trains
 (its weights are parameters of the model, so checkpoints keep it and training resumes); `save`
@@ -79,6 +79,10 @@ SHAPE_FIELDS = ("num_layers", "num_attention_heads", "token_dim")  # adapter_con
 DISABLES_TO_BASE = True
 
 
+DEFAULT_INIT_TEXT = "Read the request below and give a helpful, accurate answer."
+"""The text whose keys/values start a prefix unless `init_text` names another (or null)."""
+
+
 @dataclass
 class Options:
     num_virtual_tokens: int = 20
@@ -88,10 +92,13 @@ class Options:
     `prefix_projection`); the MLP trains and is folded into plain vectors by `save`."""
     encoder_hidden_size: int | None = None
     """Hidden width e of the reparameterisation MLP (default H_kv*d, as PEFT). Needs `prefix_projection`."""
-    init_text: str | None = None
+    init_text: str | None = DEFAULT_INIT_TEXT
     """Initialise the prefix with the model's own keys/values for the first m tokens of this text
-    (repeated when shorter; no special tokens added). Default: random N(0, 1), as PEFT. Not with
-    `prefix_projection`, whose MLP starts random as in PEFT."""
+    (repeated when shorter; no special tokens added): the paper's "real word" initialisation, the
+    default because a random prefix starts a pretrained model far from itself (SmolLM2-135M: first
+    loss 13.7 against 3.2, held-out loss 3.63 against 0.59 after 40 steps; BENCHMARKS.md). `null`:
+    random N(0, 1), as PEFT. With `prefix_projection` the default is `null` (its MLP starts random,
+    as in PEFT); another text cannot be combined with it."""
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1:
@@ -103,8 +110,10 @@ class Options:
                 )
             if self.encoder_hidden_size < 1:
                 raise ValueError(f"encoder_hidden_size must be at least 1, got {self.encoder_hidden_size}")
+        if self.prefix_projection and self.init_text == DEFAULT_INIT_TEXT:
+            self.init_text = None
         if self.init_text is not None and not self.init_text.strip():
-            raise ValueError("init_text is empty; leave it unset for a random prefix")
+            raise ValueError("init_text is empty; set it to null for a random prefix")
         if self.init_text is not None and self.prefix_projection:
             raise ValueError(
                 "init_text sets plain prefix vectors; it cannot be combined with prefix_projection"
@@ -193,7 +202,7 @@ def apply(model: PreTrainedModel, options: Options) -> None:
         head_dim,
         (options.encoder_hidden_size or num_kv_heads * head_dim) if options.prefix_projection else None,
     ).to(model.device)
-    if options.init_text is not None:
+    if options.init_text is not None and model.device.type != "meta":  # meta: a plan, no values
         encoder.set_prefix(text_key_values(model, options.init_text, options.num_virtual_tokens))
     model.add_module(ENCODER_NAME, encoder)
     model.forward = types.MethodType(_wrap_forward(type(model).forward), model)
@@ -262,7 +271,7 @@ def load(model: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> 
         raise TunelabError(f"{adapter_dir}: encoder-decoder prefixes are not supported")
     expected = tuple(config_field(config, adapter_dir, key, "int") for key in SHAPE_FIELDS)
     m = config_field(config, adapter_dir, "num_virtual_tokens", "int")
-    options = options_from_config(Options, {"num_virtual_tokens": m}, adapter_dir)
+    options = options_from_config(Options, {"num_virtual_tokens": m, "init_text": None}, adapter_dir)
     tensors = read_adapter_weights(adapter_dir)
     num_layers, num_kv_heads, head_dim = kv_shape(model)
     found = (num_layers, num_kv_heads, num_kv_heads * head_dim)

@@ -183,12 +183,15 @@ def model_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[LayerKV]
     """Run `model` on `input_ids` (1, n) and return each layer's keys/values, each (1, H_kv, n, d).
 
     Keys are as attention stores them (after the rotary embedding, for positions 0..n-1), which is
-    the form a prefix has. Used to read the KV shapes of a model and for `init_text`.
+    the form a prefix has. Used to read the KV shapes of a model and for `init_text`. The cache is
+    a plain `DynamicCache`, every layer full: a sliding-window layer would keep only the last
+    `sliding_window` of the n tokens.
     """
     was_training = model.training
     model.eval()
+    cache = cache_argument(inspect.signature(type(model).forward))
     try:
-        outputs = model(input_ids=input_ids, use_cache=True)
+        outputs = model(input_ids=input_ids, use_cache=True, **{cache: DynamicCache()})
     finally:
         model.train(was_training)
     cache = output_cache(outputs)
