@@ -96,7 +96,7 @@ class Options:
     """Initialise the prefix with the model's own keys/values for the first m tokens of this text
     (repeated when shorter; no special tokens added): the paper's "real word" initialisation, the
     default because a random prefix starts a pretrained model far from itself (SmolLM2-135M: first
-    loss 13.7 against 3.2, held-out loss 3.63 against 0.59 after 40 steps; BENCHMARKS.md). `null`:
+    loss 13.7 against 3.1, held-out loss 3.63 against 0.55 after 40 steps; BENCHMARKS.md). `null`:
     random N(0, 1), as PEFT. With `prefix_projection` the default is `null` (its MLP starts random,
     as in PEFT); another text cannot be combined with it."""
 
