@@ -11,6 +11,7 @@ own `Options` fields, so each method keeps its options beside its code.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import textwrap
@@ -499,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     `load_config(model={"name_or_path": ...}, data={...})`).
     """
     data = read_yaml(path) if path is not None else {}
-    data.update(sections)
+    data.update(copy.deepcopy(sections))  # overrides set keys in place: the caller's dicts stay as given
     data = apply_overrides(data, list(overrides or []))
     source = str(path) if path is not None else ("command-line overrides" if overrides else "")
     return build_config(data, source)

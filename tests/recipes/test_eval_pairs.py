@@ -61,7 +61,7 @@ def test_eval_of_a_dpo_run_gives_its_held_out_figures(llama_dir, tmp_path, capsy
         assert figures[name] == pytest.approx(summary[name], rel=1e-4, abs=1e-6), name
 
 
-def test_ranking_figures_are_plain_forwards_of_each_sequence(llama_dir, tmp_path, capsys):
+def test_ranking_figures_are_plain_forwards_of_each_sequence(llama_dir, instruction_data, tmp_path, capsys):
     """chosen_logp, rejected_logp and ranking_accuracy, from padded batches of pairs, equal sums of
     log-softmax over one plain forward per unpadded sequence (a LoRA policy trained away from its
     base, loaded as a user would)."""
@@ -90,6 +90,9 @@ def test_ranking_figures_are_plain_forwards_of_each_sequence(llama_dir, tmp_path
     plain = eval_json(capsys, llama_dir, "--data", eval_file, "--template", "alpaca", "--max-length", "128")
     assert set(plain) == {"path", "method", "pairs", "chosen_logp", "rejected_logp", "ranking_accuracy"}
     assert plain["chosen_logp"] != pytest.approx(figures["chosen_logp"])  # the base, not the policy
+    # The DPO run's policy on instruction records (--data): the per-token loss, as for any model.
+    sft_style = eval_json(capsys, run, "--data", instruction_data[1], "--no-generate")
+    assert sft_style["records"] == 24 and sft_style["eval_loss"] > 0
 
 
 def test_a_run_held_out_by_fraction_is_evaluated_on_that_split(llama_dir, tmp_path, capsys):

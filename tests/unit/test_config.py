@@ -46,6 +46,12 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
         load_config(path, ["train.max_steps=1e3"])
 
 
+def test_overrides_leave_the_callers_sections_as_given():
+    method = {"name": "lora", "r": 4}
+    config = load_config(None, ["method.r=16"], model={"name_or_path": "m"}, method=method)
+    assert config.method.options.r == 16 and method == {"name": "lora", "r": 4}
+
+
 def test_method_options_are_parsed_by_the_method(tmp_path):
     path = write(
         tmp_path, "model: {name_or_path: m}\nmethod: {name: partial, last_layers: 2, modules: [lm_head]}\n"

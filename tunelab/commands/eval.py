@@ -68,9 +68,8 @@ def run(args) -> int:
     cfg, held_out = eval_data_config(args, config)
     seed = config.train.seed if config is not None else 0
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
-    pairs = cfg.format == "preference" or (
-        cfg.format == "auto" and config is not None and config.objective.name == "dpo"
-    )
+    own_pairs = config is not None and config.objective.name == "dpo" and not args.data
+    pairs = cfg.format == "preference" or (cfg.format == "auto" and own_pairs)
     if not pairs:
         try:
             data = prepare_data(cfg, tokenizer, seed=seed, role="training" if held_out else "eval")
@@ -103,7 +102,8 @@ def eval_data_config(args, config) -> tuple:
     """(the data to read, whether its held-out split is the one evaluated). `--data` or the run's
     `data.eval` is read whole; a run that held out `data.eval_fraction` of its training data is
     evaluated on that split, drawn again with the run's seed. Rendering (template, system prompt,
-    chat template, max_length) is the run's unless an option overrides it."""
+    chat template, max_length) is the run's unless an option overrides it; so is the split of a
+    hub data set, unless --data names another source."""
     from tunelab.config import DataConfig
     from tunelab.errors import TunelabError
 
@@ -119,7 +119,7 @@ def eval_data_config(args, config) -> tuple:
     return dataclasses.replace(
         base,
         train=base.train if held_out else source,
-        split=base.split if held_out else args.split,
+        split=args.split if args.data else (base.split if held_out else base.eval_split or base.split),
         eval=None if not held_out else base.eval,
         eval_split=None if not held_out else base.eval_split,
         eval_fraction=base.eval_fraction if held_out else 0.0,

@@ -12,11 +12,11 @@ changes the softmax normaliser), unlike LoRA; the paper and PEFT accept this.
 Parameters. One tensor `prefix` of shape (m, L, 2, H_kv, d), initialised from the model's own
 keys/values for the first m tokens of `init_text` (the paper's "real word" initialisation, the
 default: the prefixed model then computes exactly what the base model computes after reading that
-text), or with `init_text: null` N(0, 1) as PEFT's `nn.Embedding`. With `prefix_projection` the prefix is instead the
-output of PEFT's reparameterisation (paper section 4.3): an embedding E (m, H_kv*d) and an MLP
-Linear(H_kv*d, e) -> tanh -> Linear(e, L*2*H_kv*d), e = `encoder_hidden_size`. The MLP trains
-(its weights are parameters of the model, so checkpoints keep it and training resumes); `save`
-folds it into plain vectors.
+text), or with `init_text: null` N(0, 1) as PEFT's `nn.Embedding`. With `prefix_projection` the
+prefix is instead the output of PEFT's reparameterisation (paper section 4.3): an embedding E
+(m, H_kv*d) and an MLP Linear(H_kv*d, e) -> tanh -> Linear(e, L*2*H_kv*d), e =
+`encoder_hidden_size`. The MLP trains (its weights are parameters of the model, so checkpoints keep
+it and training resumes); `save` folds it into plain vectors.
 
 Forward. `apply` registers the parameters as `model.prefix_encoder` and replaces `model.forward`
 by a wrapper that, when the caller gives no cache, builds one holding the prefix (see
