@@ -54,10 +54,7 @@ def gguf_source(name_or_path: str, tokenizer: bool = False) -> tuple[str, dict]:
     encodes like the file's, (its folder, {"gguf_file": its name}); anything else passes unchanged."""
     if not is_gguf(name_or_path):
         return name_or_path, {}
-    path = Path(name_or_path).expanduser().resolve()
-    if not path.is_file():
-        raise TunelabError(f"GGUF file {name_or_path!r} does not exist")
-    root = cache_root()
+    path, root = gguf_path(name_or_path), cache_root()
     converted = converted_folder(path, root) if root is not None else None
     if converted is not None and (converted[1]["tokenizer"] or not tokenizer):
         return str(converted[0]), {}
@@ -70,13 +67,18 @@ def config_source(name_or_path: str) -> tuple[str, dict]:
     from its own metadata (a few seconds); anything else passes unchanged."""
     if not is_gguf(name_or_path):
         return name_or_path, {}
-    path = Path(name_or_path).expanduser().resolve()
-    if not path.is_file():
-        raise TunelabError(f"GGUF file {name_or_path!r} does not exist")
-    root = cache_root()
+    path, root = gguf_path(name_or_path), cache_root()
     if root is not None and read_meta(root / conversion_key(path), CONVERSION_VERSION) is not None:
         return str(root / conversion_key(path)), {}
     return str(path.parent), {"gguf_file": path.name}
+
+
+def gguf_path(name_or_path: str) -> Path:
+    """The absolute path of the GGUF file `name_or_path`; a `TunelabError` when there is none."""
+    path = Path(name_or_path).expanduser().resolve()
+    if not path.is_file():
+        raise TunelabError(f"GGUF file {name_or_path!r} does not exist")
+    return path
 
 
 def cache_root() -> Path | None:
