@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tunelab.console import note
 from tunelab.errors import TunelabError
+from tunelab.file_modes import match_umask
 from tunelab.methods import lora
 from tunelab.methods.adapter_files import is_adapter_folder, read_adapter_config
 from tunelab.model_card import write_merged_card
@@ -96,5 +97,6 @@ def merge_adapter(path: str | Path, out_dir: str | Path, dtype: str | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    match_umask(out_dir)  # safetensors writes 0600 files
     write_merged_card(out_dir, adapter_dir)  # README.md, tunelab/model_card.py
     return out_dir

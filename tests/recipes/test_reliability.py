@@ -354,3 +354,36 @@ def test_bad_data_fails_before_the_model_loads(llama_dir, tmp_path, monkeypatch,
     )
     with pytest.raises(DataError, match="record 2"):
         tunelab.train(config)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weight_files_get_the_umask_of_the_other_files(llama_dir, instruction_data, tmp_path, umask):
+    """safetensors writes 0600 files whatever the umask; checkpoints, `final/` (a LoRA adapter and a
+    full model) and a merged model have weight files as readable as their JSON files."""
+    from tunelab.merging import merge_adapter
+
+    expected = 0o666 & ~umask
+    previous = os.umask(umask)
+    try:
+        folders = []
+        for name, method in (("lora", {"name": "lora", "r": 4}), ("full", {"name": "full"})):
+            run = tmp_path / name
+            tunelab.train(
+                sft_config(
+                    llama_dir,
+                    instruction_data[0],
+                    run,
+                    "train.max_steps=2",
+                    "train.save_every=1",
+                    method=method,
+                )
+            )
+            folders += [run / "final", latest_checkpoint(run)]
+        folders.append(merge_adapter(tmp_path / "lora", tmp_path / "merged"))
+    finally:
+        os.umask(previous)
+    for folder in folders:
+        weights = sorted(folder.rglob("*.safetensors"))
+        assert weights, folder
+        for path in [*weights, *folder.glob("*.json")]:
+            assert path.stat().st_mode & 0o777 == expected, path

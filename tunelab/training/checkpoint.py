@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tunelab.errors import TunelabError, one_line
+from tunelab.file_modes import match_umask
 from tunelab.methods import trainable_parameters
 from tunelab.training.distributed import full_tensor, reshard, shard_like
 from tunelab.training.rng import restore_rng, rng_states
@@ -147,6 +148,7 @@ def _write_rest(tmp, final, opt_meta, rng, rng_json, step, data_position, config
     state = {"step": step, "data_position": data_position, **rng_json, **(extra_state or {})}
     (tmp / "state.json").write_text(json.dumps(state))
     (tmp / "config.yaml").write_text(config_yaml)
+    match_umask(tmp)  # safetensors writes 0600 files
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -22,6 +22,7 @@ from tunelab.allocator import bound_shape_caches
 from tunelab.config import RunConfig
 from tunelab.console import note
 from tunelab.errors import TunelabError
+from tunelab.file_modes import match_umask
 from tunelab.methods import get_method, parameter_report, trainable_parameters
 from tunelab.model_card import write_run_card
 from tunelab.models import resolve_device
@@ -232,6 +233,7 @@ def save_final(run: Run, view: Callable[[PreTrainedModel], PreTrainedModel] | No
         tmp.mkdir(parents=True)
         run.method.save(model, run.config.method.options, tmp, saved_base(run))
         run.tokenizer.save_pretrained(tmp)
+        match_umask(tmp)  # safetensors writes 0600 files
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
