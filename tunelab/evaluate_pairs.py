@@ -34,8 +34,6 @@ from tunelab.methods import get_method
 from tunelab.reference import Reference
 from tunelab.trained import load_start
 
-REFERENCE_FREE_FIGURES = ("chosen_logp", "rejected_logp", "ranking_accuracy")
-
 
 def dpo_reference(model: PreTrainedModel, method: str, config: RunConfig) -> Reference | None:
     """pi_ref of the DPO run `config` whose trained policy is `model` (loaded with `method`); None for

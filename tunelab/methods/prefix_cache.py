@@ -189,9 +189,9 @@ def model_key_values(model: nn.Module, input_ids: torch.Tensor) -> list[LayerKV]
     """
     was_training = model.training
     model.eval()
-    cache = cache_argument(inspect.signature(type(model).forward))
+    argument = cache_argument(inspect.signature(type(model).forward))
     try:
-        outputs = model(input_ids=input_ids, use_cache=True, **{cache: DynamicCache()})
+        outputs = model(input_ids=input_ids, use_cache=True, **{argument: DynamicCache()})
     finally:
         model.train(was_training)
     cache = output_cache(outputs)
