@@ -106,6 +106,17 @@ def test_resume_equals_no_stop(tiny_model_dirs, instruction_data, tmp_path):
     assert state["step"] == 4 and state["data_position"] == 4
 
 
+def test_a_run_resumed_at_its_last_step_reports_its_last_loss(tiny_model_dirs, instruction_data, tmp_path):
+    """Stopped after its last step (a checkpoint there), a run resumed runs no step: its summary's
+    final_train_loss is still the last logged loss, not None."""
+    model_dir, train_file = tiny_model_dirs["llama"], instruction_data[0]
+    common = ["train.max_steps=3", "train.save_every=3", "train.lr=1e-3", "eval.generate=false"]
+    first = tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common))
+    again = tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common, "train.resume=true"))
+    assert again["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert again["final_train_loss"] == first["final_train_loss"] == losses(tmp_path / "run")[-1]
+
+
 def test_resume_with_dropout_draws_the_same_masks(tiny_model_dirs, instruction_data, tmp_path):
     """LoRA dropout draws random numbers every step: a run resumed from its step-2 checkpoint logs
     the losses of the run that never stopped only if the checkpoint's RNG state is restored (a

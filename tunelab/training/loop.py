@@ -40,7 +40,7 @@ from tunelab.console import progress
 from tunelab.errors import Preempted, TunelabError
 from tunelab.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunelab.training.distributed import full_tensor
-from tunelab.training.metrics import MetricsLog, plot_loss
+from tunelab.training.metrics import MetricsLog, plot_loss, read_metrics
 from tunelab.training.optim import lr_at, set_lr
 from tunelab.training.setup import Run
 
@@ -301,8 +301,19 @@ class StepLoop:
         return postfix
 
     def result(self) -> LoopResult:
-        """The steps, the last step's loss and every step's row."""
-        return LoopResult(self.steps, self.history[-1]["loss"] if self.history else None, self.history)
+        """The steps, the last step's loss and every step's row. A run resumed from its last step
+        runs none: its last loss is the one `metrics.jsonl` holds."""
+        return LoopResult(
+            self.steps, self.history[-1]["loss"] if self.history else self.logged_loss(), self.history
+        )
+
+    def logged_loss(self) -> float | None:
+        """The last loss in this run's `metrics.jsonl` (None where there is none, or off rank 0)."""
+        path = self.run.output_dir / "metrics.jsonl"
+        if not self.run.is_main or not path.is_file():
+            return None
+        losses = [row["loss"] for row in read_metrics(self.run.output_dir) if "loss" in row]
+        return losses[-1] if losses else None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
