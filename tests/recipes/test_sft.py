@@ -107,14 +107,33 @@ def test_resume_equals_no_stop(tiny_model_dirs, instruction_data, tmp_path):
 
 
 def test_a_run_resumed_at_its_last_step_reports_its_last_loss(tiny_model_dirs, instruction_data, tmp_path):
-    """Stopped after its last step (a checkpoint there), a run resumed runs no step: its summary's
-    final_train_loss is still the last logged loss, not None."""
+    """Stopped by a signal during its last step (a checkpoint there, no final/), a run resumed runs
+    no step: its summary's final_train_loss is still the last logged loss, not None."""
+    import os
+    import signal
+
+    from tunelab.errors import Preempted
+    from tunelab.training import loop
+
     model_dir, train_file = tiny_model_dirs["llama"], instruction_data[0]
-    common = ["train.max_steps=3", "train.save_every=3", "train.lr=1e-3", "eval.generate=false"]
-    first = tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common))
-    again = tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common, "train.resume=true"))
-    assert again["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
-    assert again["final_train_loss"] == first["final_train_loss"] == losses(tmp_path / "run")[-1]
+    common = ["train.max_steps=3", "train.lr=1e-3", "eval.generate=false"]
+    original = loop.MetricsLog.log
+
+    def log(self, row):  # SIGUSR1 as step 3 logs: the loop checkpoints step 3 and stops
+        original(self, row)
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    loop.MetricsLog.log = log
+    try:
+        with pytest.raises(Preempted):
+            tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common))
+    finally:
+        loop.MetricsLog.log = original
+    assert (tmp_path / "run" / "checkpoints" / "step-3").is_dir()
+    summary = tunelab.train(sft_config(model_dir, train_file, tmp_path / "run", *common, "train.resume=true"))
+    assert summary["steps"] == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert summary["final_train_loss"] == losses(tmp_path / "run")[-1]
 
 
 def test_resume_with_dropout_draws_the_same_masks(tiny_model_dirs, instruction_data, tmp_path):
