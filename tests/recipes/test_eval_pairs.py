@@ -129,23 +129,22 @@ def test_an_sft_run_held_out_by_fraction_is_evaluated_on_that_split(
 
 
 def test_errors_name_what_to_do(llama_dir, tmp_path, capsys):
-    """A reward-model run points to `tunelab score`, a PPO or GRPO run (prompts only) to summary.json
-    and --data; SFT on preference pairs names the record and the objectives that read pairs."""
+    """A reward-model run points to `tunelab score`, a run without held-out data to --data; SFT on
+    preference pairs names the record and the objectives that read pairs."""
     reward = tmp_path / "reward"
     (reward / "final").mkdir(parents=True)
     config = rlhf_config(llama_dir, reward, [], {"name": "reward"}, PAIRS, HELD_OUT)
     (reward / "config.yaml").write_text(yaml.safe_dump(to_plain(config)))
     outcome = run_in_process(["eval", reward], capsys)
     assert outcome.code != 0 and f"tunelab score {reward}" in outcome.err
-    for objective in ("ppo", "grpo"):  # prompts alone: nothing to compare with
-        online = tmp_path / objective
-        (online / "final").mkdir(parents=True)
-        rewards = {"reward_functions": ["tunelab.rl.rewards:one_line"]}
-        config = rlhf_config(llama_dir, online, [], {"name": objective, **rewards}, PAIRS, HELD_OUT)
-        (online / "config.yaml").write_text(yaml.safe_dump(to_plain(config)))
-        outcome = run_in_process(["eval", online], capsys)
-        assert outcome.code != 0 and f"{online} is a {objective} run" in outcome.err
-        assert "Traceback" not in outcome.err
+    online = tmp_path / "grpo"  # no held-out prompts: nothing to evaluate without --data
+    (online / "final").mkdir(parents=True)
+    rewards = {"reward_functions": ["tunelab.rl.rewards:one_line"]}
+    config = rlhf_config(llama_dir, online, [], {"name": "grpo", **rewards}, PAIRS)
+    (online / "config.yaml").write_text(yaml.safe_dump(to_plain(config)))
+    outcome = run_in_process(["eval", online], capsys)
+    assert outcome.code != 0 and "Traceback" not in outcome.err
+    assert "data.eval or data.eval_fraction" in outcome.err and "--data FILE" in outcome.err
     sft = rlhf_config(llama_dir, tmp_path / "sft", ["train.max_steps=1"], {"name": "sft"}, PAIRS)
     with pytest.raises(
         tunelab.errors.DataError, match=r"preference_train.jsonl, record 1: a preference pair"

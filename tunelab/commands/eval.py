@@ -20,7 +20,8 @@ DESCRIPTION = (
     "Evaluate on held-out data: per-token loss, perplexity and, for instruction/chat data, "
     "the exact-match accuracy of greedy generations against the reference responses. Preference "
     "pairs (prompt, chosen, rejected) give the mean log-probs of both responses and how often the "
-    "chosen one is the likelier; a DPO run's also its own held-out loss, margin and accuracy. With a "
+    "chosen one is the likelier; a DPO run's also its own held-out loss, margin and accuracy. A PPO "
+    "or GRPO run gives the rewards of its greedy answers to its held-out prompts. With a "
     "run folder and no --data, the run's own held-out data is used (data.eval, or the "
     "data.eval_fraction split drawn again with the run's seed)."
 )
@@ -59,15 +60,14 @@ def run(args) -> int:
             f"{args.path} is a reward model (objective reward): score pairs or responses with "
             f"`tunelab score {args.path} --data FILE`"
         )
-    if config is not None and config.objective.name in ("ppo", "grpo") and not args.data:
-        raise TunelabError(
-            f"{args.path} is a {config.objective.name} run: its held-out prompts have no reference "
-            "responses to measure against (its held-out rewards before and after training are in "
-            "summary.json); pass --data FILE with instruction, chat or preference records"
-        )
     cfg, held_out = eval_data_config(args, config)
     seed = config.train.seed if config is not None else 0
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
+    online = config is not None and config.objective.name in ("ppo", "grpo")
+    if online and args.format in (None, "prompt"):  # its prompts, scored as the run scored them
+        result = evaluate_prompts(args, cfg, held_out, seed, config, model, tokenizer, method)
+        print(json.dumps(result, indent=2))
+        return 0
     own_pairs = config is not None and config.objective.name == "dpo" and not args.data
     pairs = cfg.format == "preference" or (cfg.format == "auto" and own_pairs)
     if not pairs:
@@ -146,4 +146,34 @@ def evaluate_pairs(args, cfg, held_out: bool, seed: int, config, model, tokenize
         dpo = (dpo_reference(model, method, config), config.objective.options)
     result = {"path": args.path, "method": method, "pairs": len(pairs)}
     result.update(pair_figures(model, pairs, tokenizer.pad_token_id, args.batch_size, dpo))
+    return result
+
+
+def evaluate_prompts(args, cfg, held_out: bool, seed: int, config, model, tokenizer, method: str) -> dict:
+    """A PPO or GRPO run on its own held-out prompts: the mean reward of greedy answers, each
+    reward's mean and the answers' length (`tunelab.rl.online.held_out_rewards`), scored by the
+    run's reward functions and reward model, as the run measured them before and after training."""
+    from tunelab.console import note
+    from tunelab.data.preference import prepare_prompts
+    from tunelab.rl.online import held_out_rewards
+    from tunelab.rl.rewards import Rewards
+
+    data = prepare_prompts(cfg, tokenizer, seed=seed)
+    for line in data.notes:
+        note(f"[tunelab] data: {line}")
+    prompts = (data.eval if held_out else data.train)[: args.limit]
+    options = config.objective.options
+    device = next(model.parameters()).device
+    rewards = Rewards(
+        options.reward_functions,
+        options.reward_weights,
+        options.reward_model,
+        tokenizer,
+        data.template,
+        device,
+        args.dtype,
+    )
+    answer = "response" if config.objective.name == "ppo" else "completion"
+    result = {"path": args.path, "method": method, "prompts": len(prompts)}
+    result.update(held_out_rewards(model, tokenizer, prompts, rewards, options, args.batch_size, answer))
     return result

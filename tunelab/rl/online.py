@@ -141,50 +141,26 @@ class OnlineRun:
         return Sampled(rollout, rollout.response_mask.to(self.run.device), scores, parts)
 
     def _generate(self, prompts: list[PromptExample], greedy: bool, keys=None) -> Rollout:
-        options = self.options
-        return generate_rollouts(
-            self.run.model,
-            self.run.tokenizer,
-            [p.prompt_ids for p in prompts],
-            options.max_new_tokens,
-            options.temperature,
-            options.top_p,
-            greedy,
-            keys=keys,
-        )
+        return generate_answers(self.run.model, self.run.tokenizer, prompts, self.options, greedy, keys)
 
     def _score(self, prompts: list[PromptExample], rollout: Rollout) -> tuple[torch.Tensor, dict]:
         """(scores (N,), each reward's scores by name) of the rollout's answers."""
-        return self.rewards.score(
-            [p.prompt for p in prompts],
-            rollout.completions,
-            rollout.completion_ids,
-            prompt_columns([p.extra for p in prompts]),
-            rollout.input_ids,
-            rollout.attention_mask,
-        )
+        return score_answers(self.rewards, prompts, rollout)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean score (and per reward) and length of greedy answers to the held-out prompts (up to
-        `eval.num_examples`). Every rank evaluates the same prompts (under FSDP the forward passes
-        are collective)."""
+        """`held_out_rewards` of the policy on the held-out prompts (up to `eval.num_examples`).
+        Every rank evaluates the same prompts (under FSDP the forward passes are collective)."""
         cfg = self.run.config.eval
         prompts = self.data.eval[: cfg.num_examples]
-        totals, count = {}, 0
-        for start in range(0, len(prompts), cfg.batch_size):
-            batch = prompts[start : start + cfg.batch_size]
-            rollout = self._generate(batch, greedy=True)
-            scores, parts = self._score(batch, rollout)
-            sums = {
-                "eval_reward": scores,
-                **{f"eval_reward/{k}": v for k, v in parts.items()},
-                f"eval_{self.answer}_length": rollout.response_mask,
-            }
-            for name, values in sums.items():
-                totals[name] = totals.get(name, 0.0) + float(values.sum())
-            count += len(batch)
-        return {key: value / max(count, 1) for key, value in totals.items()}
+        return held_out_rewards(
+            self.run.model,
+            self.run.tokenizer,
+            prompts,
+            self.rewards,
+            self.options,
+            cfg.batch_size,
+            self.answer,
+        )
 
     def global_means(self, sums: dict[str, torch.Tensor | float], count: int) -> dict[str, float]:
         """Each local sum summed over ranks and divided by `count` summed over ranks."""
@@ -207,3 +183,63 @@ class OnlineRun:
         if self.data.eval:
             summary.update(before_and_after(before, self.evaluate()))
         return write_summary(self.run, summary, final)
+
+
+def generate_answers(
+    model, tokenizer, prompts: list[PromptExample], options: OnlineOptions, greedy: bool, keys=None
+) -> Rollout:
+    """One answer per prompt under the run's sampling options (greedy: the most likely tokens)."""
+    return generate_rollouts(
+        model,
+        tokenizer,
+        [p.prompt_ids for p in prompts],
+        options.max_new_tokens,
+        options.temperature,
+        options.top_p,
+        greedy,
+        keys=keys,
+    )
+
+
+def score_answers(
+    rewards: Rewards, prompts: list[PromptExample], rollout: Rollout
+) -> tuple[torch.Tensor, dict]:
+    """(scores (N,), each reward's scores by name) of the rollout's answers to `prompts`."""
+    return rewards.score(
+        [p.prompt for p in prompts],
+        rollout.completions,
+        rollout.completion_ids,
+        prompt_columns([p.extra for p in prompts]),
+        rollout.input_ids,
+        rollout.attention_mask,
+    )
+
+
+@torch.no_grad()
+def held_out_rewards(
+    model,
+    tokenizer,
+    prompts: list[PromptExample],
+    rewards: Rewards,
+    options: OnlineOptions,
+    batch_size: int,
+    answer: str,
+) -> dict:
+    """Mean over `prompts` of the score of the greedy answer (`eval_reward`), of each reward
+    (`eval_reward/NAME`) and of the answer's length in tokens (`eval_ANSWER_length`), in batches of
+    `batch_size` prompts. What PPO and GRPO log before and after training, and `tunelab eval` of
+    their runs."""
+    totals, count = {}, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        rollout = generate_answers(model, tokenizer, batch, options, greedy=True)
+        scores, parts = score_answers(rewards, batch, rollout)
+        sums = {
+            "eval_reward": scores,
+            **{f"eval_reward/{k}": v for k, v in parts.items()},
+            f"eval_{answer}_length": rollout.response_mask,
+        }
+        for name, values in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(values.sum())
+        count += len(batch)
+    return {key: value / max(count, 1) for key, value in totals.items()}
