@@ -133,7 +133,12 @@ def run(config: RunConfig) -> dict:
 
 def average_logprobs(model, batch: dict) -> torch.Tensor:
     """Log-prob of each row's target tokens averaged over them (SimPO's and ORPO's avg(y)): (B,)."""
-    return sequence_logprobs(model, batch) / target_counts(batch)
+    return per_target(sequence_logprobs(model, batch), batch)
+
+
+def per_target(summed: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Each row's summed log-prob (B,) divided by its target tokens: avg(y), (B,)."""
+    return summed / target_counts(batch)
 
 
 def target_counts(batch: dict) -> torch.Tensor:
@@ -152,7 +157,7 @@ def losses_from_logprobs(policy: torch.Tensor, reference: Reference | None, opti
     """`pair_losses` from the policy's summed log-probs of the batch's rows, `policy` (2P,), chosen
     first: every loss is a function of them (and, for sigmoid and ipo, of the reference's)."""
     if options.loss in ("simpo", "orpo"):
-        chosen, rejected = (policy / target_counts(batch)).chunk(2)  # avg(y): (P,) each
+        chosen, rejected = per_target(policy, batch).chunk(2)  # avg(y): (P,) each
         if options.loss == "orpo":
             return orpo_loss(chosen, rejected, options.beta)[:3]
         return simpo_loss(
