@@ -46,11 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tunelab.console import note
     from tunelab.data.dataset import prepare_data
     from tunelab.data.formats import PairRecordsError
     from tunelab.errors import TunelabError
-    from tunelab.evaluate import evaluate_loss, exact_match
     from tunelab.runinfo import run_config
     from tunelab.trained import load_trained
 
@@ -63,29 +61,36 @@ def run(args) -> int:
     cfg, held_out = eval_data_config(args, config)
     seed = config.train.seed if config is not None else 0
     model, tokenizer, method = load_trained(args.path, dtype=args.dtype, device=args.device)
+    result = {"path": args.path, "method": method}
     online = config is not None and config.objective.name in ("ppo", "grpo")
-    if online and args.format in (None, "prompt"):  # its prompts, scored as the run scored them
-        result = evaluate_prompts(args, cfg, held_out, seed, config, model, tokenizer, method)
-        print(json.dumps(result, indent=2))
-        return 0
     own_pairs = config is not None and config.objective.name == "dpo" and not args.data
-    pairs = cfg.format == "preference" or (cfg.format == "auto" and own_pairs)
-    if not pairs:
+    if online and args.format in (None, "prompt"):  # its prompts, scored as the run scored them
+        result.update(evaluate_prompts(args, cfg, held_out, seed, config, model, tokenizer))
+    elif cfg.format == "preference" or (cfg.format == "auto" and own_pairs):
+        result.update(evaluate_pairs(args, cfg, held_out, seed, config, model, tokenizer, method))
+    else:
         try:
             data = prepare_data(cfg, tokenizer, seed=seed, role="training" if held_out else "eval")
         except PairRecordsError:
             if cfg.format != "auto":
                 raise
-            pairs = True  # the records are preference pairs: they are evaluated as pairs
-    if pairs:
-        result = evaluate_pairs(args, cfg, held_out, seed, config, model, tokenizer, method)
-        print(json.dumps(result, indent=2))
-        return 0
-    for line in data.notes:
-        note(f"[tunelab] data: {line}")
+            # the records are preference pairs: they are evaluated as pairs
+            result.update(evaluate_pairs(args, cfg, held_out, seed, config, model, tokenizer, method))
+        else:
+            result.update(evaluate_records(args, data, held_out, model, tokenizer))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def evaluate_records(args, data, held_out: bool, model, tokenizer) -> dict:
+    """Per-token loss and perplexity of the records, and for instruction, chat and prompt/completion
+    records the exact match of greedy answers (`--show` prints the first few)."""
+    from tunelab.evaluate import evaluate_loss, exact_match
+
+    show_notes(data.notes)
     split = data.eval if held_out else data.train
     examples, conversations = split.examples[: args.limit], split.conversations[: args.limit]
-    result = {"path": args.path, "method": method, "records": len(examples)}
+    result = {"records": len(examples)}
     result.update(evaluate_loss(model, examples, tokenizer.pad_token_id, args.batch_size))
     if not args.no_generate and data.format in ("instruction", "chat", "prompt_completion"):
         accuracy, generations = exact_match(
@@ -94,8 +99,15 @@ def run(args) -> int:
         result["exact_match"] = accuracy
         for g in generations[: args.show]:
             print(f"--- reference: {g.reference!r}\n    generated: {g.output!r}")
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
+
+
+def show_notes(notes: list[str]) -> None:
+    """The data report's lines, as training prints them."""
+    from tunelab.console import note
+
+    for line in notes:
+        note(f"[tunelab] data: {line}")
 
 
 def eval_data_config(args, config) -> tuple:
@@ -133,34 +145,28 @@ def eval_data_config(args, config) -> tuple:
 def evaluate_pairs(args, cfg, held_out: bool, seed: int, config, model, tokenizer, method: str) -> dict:
     """Figures of preference pairs (`tunelab.evaluate_pairs`): the ranking by the model's log-probs,
     and for a DPO run the run's own held-out loss, margin and accuracy."""
-    from tunelab.console import note
     from tunelab.data.preference import prepare_preferences
     from tunelab.evaluate_pairs import dpo_reference, pair_figures
 
     data = prepare_preferences(dataclasses.replace(cfg, format="preference"), tokenizer, seed=seed)
-    for line in data.notes:
-        note(f"[tunelab] data: {line}")
+    show_notes(data.notes)
     pairs = (data.eval if held_out else data.train)[: args.limit]
     dpo = None
     if config is not None and config.objective.name == "dpo":
         dpo = (dpo_reference(model, method, config), config.objective.options)
-    result = {"path": args.path, "method": method, "pairs": len(pairs)}
-    result.update(pair_figures(model, pairs, tokenizer.pad_token_id, args.batch_size, dpo))
-    return result
+    return {"pairs": len(pairs), **pair_figures(model, pairs, tokenizer.pad_token_id, args.batch_size, dpo)}
 
 
-def evaluate_prompts(args, cfg, held_out: bool, seed: int, config, model, tokenizer, method: str) -> dict:
+def evaluate_prompts(args, cfg, held_out: bool, seed: int, config, model, tokenizer) -> dict:
     """A PPO or GRPO run on its own held-out prompts: the mean reward of greedy answers, each
     reward's mean and the answers' length (`tunelab.rl.online.held_out_rewards`), scored by the
     run's reward functions and reward model, as the run measured them before and after training."""
-    from tunelab.console import note
     from tunelab.data.preference import prepare_prompts
     from tunelab.rl.online import held_out_rewards
     from tunelab.rl.rewards import Rewards
 
     data = prepare_prompts(cfg, tokenizer, seed=seed)
-    for line in data.notes:
-        note(f"[tunelab] data: {line}")
+    show_notes(data.notes)
     prompts = (data.eval if held_out else data.train)[: args.limit]
     options = config.objective.options
     device = next(model.parameters()).device
@@ -174,6 +180,5 @@ def evaluate_prompts(args, cfg, held_out: bool, seed: int, config, model, tokeni
         args.dtype,
     )
     answer = "response" if config.objective.name == "ppo" else "completion"
-    result = {"path": args.path, "method": method, "prompts": len(prompts)}
-    result.update(held_out_rewards(model, tokenizer, prompts, rewards, options, args.batch_size, answer))
-    return result
+    figures = held_out_rewards(model, tokenizer, prompts, rewards, options, args.batch_size, answer)
+    return {"prompts": len(prompts), **figures}
