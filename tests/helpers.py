@@ -89,3 +89,14 @@ def run_in_process(argv: list[str], capsys) -> Outcome:
         code, crash = 1, traceback.format_exc()
     out, err = capsys.readouterr()
     return Outcome(code, out, err + crash)
+
+
+def params_with_lora(model, r: int) -> int:
+    """Parameters of `model` plus those LoRA of rank r adds on every linear layer of its decoder
+    blocks (`all-linear`): r (in + out) each, A and B. Counted from the loaded model itself."""
+    import torch
+
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(p.numel() for p in model.parameters()) + sum(
+        r * (m.in_features + m.out_features) for m in linears
+    )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tunelab
-from tests.helpers import rlhf_config, sft_config
+from tests.helpers import params_with_lora, rlhf_config, sft_config
 from tunelab.data.preference import pad_pairs, prepare_preferences
 from tunelab.errors import ConfigError
 from tunelab.logprobs import sequence_logprobs
@@ -178,10 +178,7 @@ def test_inspect_a_chained_config(sft_runs, llama_dir, tmp_path, capsys):
     from tunelab.cli import main
 
     base = load_model(str(llama_dir), device="cpu")
-    linears = [m for m in base.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    total = sum(p.numel() for p in base.parameters()) + sum(
-        4 * (m.in_features + m.out_features) for m in linears
-    )
+    total = params_with_lora(base, r=4)
     config = tmp_path / "dpo.yaml"
     config.write_text(
         f"model: {{name_or_path: {sft_runs / 'lora'}}}\nmethod: {json.dumps(LORA)}\n"

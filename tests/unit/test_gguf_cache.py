@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from tests.helpers import params_with_lora
 from tunelab.errors import TunelabError
 from tunelab.export import gguf_in
 from tunelab.export.gguf_in import CACHE_ENV, gguf_source
@@ -124,10 +125,7 @@ def test_inspect_reads_a_gguf_without_converting_it(gguf_file, tmp_path, monkeyp
         "data: {train: unused.jsonl, max_length: 16}\n"
     )
     model = load_model(str(gguf_file), device="cpu")
-    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
-    total = sum(p.numel() for p in model.parameters()) + sum(
-        4 * (m.in_features + m.out_features) for m in linears
-    )
+    total = params_with_lora(model, r=4)
     assert calls == [gguf_file]  # the load converted it
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "another-cache"))
     for _ in range(2):  # not converted in this cache, then (still) not: inspect converts nothing
