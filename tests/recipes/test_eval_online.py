@@ -3,12 +3,10 @@ computed again from the saved run, equal the figures the run measured after trai
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import tunelab
-from tests.helpers import run_in_process
+from tests.recipes.test_eval_pairs import eval_json
 from tests.recipes.test_grpo import HELD_OUT, LORA, grpo_config
 from tests.recipes.test_ppo import ppo_config
 
@@ -19,10 +17,7 @@ def test_eval_of_an_online_run_gives_its_held_out_rewards(llama_dir, tmp_path, c
     make = grpo_config if objective == "grpo" else ppo_config
     summary = tunelab.train(make(llama_dir, run, "train.max_steps=3", method=LORA, eval_file=HELD_OUT))
     answer = "completion" if objective == "grpo" else "response"
-    capsys.readouterr()
-    outcome = run_in_process(["eval", run, "--limit", "16", "--batch-size", "16"], capsys)
-    assert outcome.code == 0, outcome.err
-    figures = json.loads(outcome.out[outcome.out.index("{") :])
+    figures = eval_json(capsys, run, "--limit", "16", "--batch-size", "16")
     assert figures["prompts"] == 16
     names = [name for name in summary if name.startswith("eval_") and not name.endswith("_before")]
     assert "eval_reward" in names and f"eval_{answer}_length" in names
